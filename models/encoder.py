@@ -1,0 +1,120 @@
+"""Tokenizer + ONNX backbone → pooled sentence embeddings.
+
+On CPU the cost of a batch is its padded size, so :meth:`Encoder.embed` sorts texts by token
+length and runs sub-batches whose padded size (longest × count) stays within a token budget,
+then puts the rows back in input order.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from .manifest import BackboneSpec
+
+log = logging.getLogger(__name__)
+
+
+def make_session(path, threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",)) -> ort.InferenceSession:
+    """An ONNX Runtime session with the providers asked for, saying so when one is missing."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    available = ort.get_available_providers()
+    chosen = [p for p in providers if p in available]
+    missing = [p for p in providers if p not in available]
+    if missing:
+        log.warning("execution providers %s not available (have %s); falling back", missing, available)
+    if not chosen:
+        chosen = ["CPUExecutionProvider"]
+    return ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
+
+
+def pool(hidden: np.ndarray, mask: np.ndarray, how: str, normalize: bool) -> np.ndarray:
+    """Mean over unmasked tokens, or the first ([CLS]) token; optional L2 normalisation."""
+    if how == "cls":
+        out = hidden[:, 0, :]
+    elif how == "mean":
+        m = mask[:, :, None].astype(hidden.dtype)
+        out = (hidden * m).sum(axis=1) / np.clip(m.sum(axis=1), 1e-9, None)
+    else:
+        raise ValueError(f"unknown pooling {how!r}")
+    out = out.astype(np.float32, copy=False)
+    if normalize:
+        out = out / np.clip(np.linalg.norm(out, axis=1, keepdims=True), 1e-12, None)
+    return out
+
+
+@dataclass
+class Encoded:
+    embeddings: np.ndarray  # [n, dim] float32
+    tokens: int  # real (unpadded) tokens
+    padded_tokens: int  # what the model actually computed
+
+
+class Encoder:
+    """One backbone: tokenization and the ONNX pass, nothing about emotions."""
+
+    def __init__(self, spec: BackboneSpec, threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",)):
+        self.spec = spec
+        self.tokenizer = Tokenizer.from_file(str(spec.tokenizer))
+        # tokenizer.json files often fix padding/truncation (MiniLM's: 128); we pad per sub-batch.
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(max_length=spec.max_length)
+        self.session = make_session(spec.onnx, threads, providers)
+        self.input_names = {i.name for i in self.session.get_inputs()}
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.output_name = spec.output if spec.output in outputs else outputs[0]
+        shape = self.session.get_outputs()[outputs.index(self.output_name)].shape
+        self.dim = shape[-1] if isinstance(shape[-1], int) else None
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(list(texts))]
+
+    def _run(self, ids: list[list[int]]) -> np.ndarray:
+        n, width = len(ids), max(len(x) for x in ids)
+        input_ids = np.zeros((n, width), dtype=np.int64)
+        mask = np.zeros((n, width), dtype=np.int64)
+        for i, row in enumerate(ids):
+            input_ids[i, : len(row)] = row
+            mask[i, : len(row)] = 1
+        feed = {"input_ids": input_ids, "attention_mask": mask}
+        if "token_type_ids" in self.input_names:  # only what the graph declares
+            feed["token_type_ids"] = np.zeros_like(input_ids)
+        hidden = self.session.run([self.output_name], feed)[0]
+        if hidden.ndim == 2:  # graph already pooled
+            return hidden.astype(np.float32, copy=False)
+        return pool(hidden, mask, self.spec.pooling, self.spec.normalize)
+
+    def embed(self, texts: Sequence[str], max_tokens: int = 4096) -> Encoded:
+        """Embeddings in input order, computed in length-sorted sub-batches of ≤ max_tokens padded tokens."""
+        if not texts:
+            return Encoded(np.zeros((0, self.dim or 0), dtype=np.float32), 0, 0)
+        ids = self.tokenize(texts)
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        order = np.argsort(lengths, kind="stable")
+        out: np.ndarray | None = None
+        padded = 0
+        start = 0
+        while start < len(order):
+            # Grow the sub-batch while (longest so far × count) fits the budget; sorted ascending,
+            # so the last one added is the longest.
+            end = start + 1
+            while end < len(order) and lengths[order[end]] * (end - start + 1) <= max_tokens:
+                end += 1
+            chunk = order[start:end]
+            emb = self._run([ids[i] for i in chunk])
+            if out is None:
+                out = np.empty((len(ids), emb.shape[1]), dtype=np.float32)
+            out[chunk] = emb
+            padded += int(lengths[chunk].max()) * len(chunk)
+            start = end
+        assert out is not None
+        return Encoded(out, int(lengths.sum()), padded)

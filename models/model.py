@@ -1,0 +1,47 @@
+"""An emotion model: one backbone pass shared by every head of a manifest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .encoder import Encoder
+from .heads import Head, HeadOutput
+from .manifest import Manifest, find_manifest
+
+
+@dataclass(frozen=True)
+class Prediction:
+    embeddings: np.ndarray  # [n, dim]
+    heads: dict[str, HeadOutput]
+    tokens: int
+    padded_tokens: int
+
+
+class EmotionModel:
+    def __init__(self, manifest: Manifest, threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",)):
+        self.manifest = manifest
+        self.encoder = Encoder(manifest.backbone, threads, providers)
+        self.heads = [Head(spec, threads=1, providers=providers) for spec in manifest.heads]
+
+    @classmethod
+    def load(cls, name_or_path: str, threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",)) -> "EmotionModel":
+        return cls(find_manifest(name_or_path), threads, providers)
+
+    @property
+    def info(self) -> dict:
+        """What output records carry as ``model``."""
+        bb = self.manifest.backbone
+        return {
+            "name": self.manifest.name,
+            "version": self.manifest.version,
+            "backbone": {"name": bb.name, "version": bb.version},
+            "heads": {h.name: h.version for h in self.heads},
+        }
+
+    def predict(self, texts: Sequence[str], max_tokens: int = 4096) -> Prediction:
+        enc = self.encoder.embed(texts, max_tokens=max_tokens)
+        heads = {h.name: h(enc.embeddings) for h in self.heads}
+        return Prediction(enc.embeddings, heads, enc.tokens, enc.padded_tokens)

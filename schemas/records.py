@@ -1,0 +1,79 @@
+"""Record types of emostream: what comes in, what goes out, what is dead-lettered.
+
+The JSON Schema files beside this module (``input.schema.json``, ``output.schema.json``,
+``dead_letter.schema.json``) are the published contract; these types mirror them for code.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from importlib import resources
+from typing import Any, NotRequired, TypedDict
+
+SCHEMA_FILES = {
+    "input": "input.schema.json",
+    "output": "output.schema.json",
+    "dead_letter": "dead_letter.schema.json",
+}
+
+
+class ErrorCode(str, Enum):
+    """Why a record went to the dead-letter topic (the ``error.code`` field)."""
+
+    NOT_UTF8 = "not_utf8"
+    NOT_JSON = "not_json"
+    NOT_OBJECT = "not_object"
+    MISSING_TEXT = "missing_text"
+    TEXT_NOT_STRING = "text_not_string"
+    EMPTY_TEXT = "empty_text"
+    TOO_LARGE = "too_large"
+    TEXT_TOO_LONG = "text_too_long"
+    EMPTY_VALUE = "empty_value"
+    INVALID_ID = "invalid_id"
+    INFERENCE_FAILED = "inference_failed"
+
+
+class Source(TypedDict):
+    topic: str
+    partition: int
+    offset: int
+    timestamp: str | None  # ISO 8601 (UTC) of the input record's Kafka timestamp
+
+
+class HeadResult(TypedDict):
+    scores: dict[str, float]
+    labels: list[str]
+    top: str
+
+
+class ModelInfo(TypedDict):
+    name: str
+    version: str
+    backbone: dict[str, str]
+    heads: dict[str, str]
+
+
+class OutputRecord(TypedDict):
+    id: str
+    emotions: dict[str, HeadResult]
+    model: ModelInfo
+    source: Source
+    processed_at: str
+    text: NotRequired[str]
+
+
+class DeadLetter(TypedDict):
+    id: str | None
+    error: dict[str, str]  # {"code": ErrorCode, "message": human text}
+    original: str | None  # base64 of the original value bytes (cut when too large)
+    original_size: int | None
+    original_truncated: bool
+    key: str | None  # base64 of the original key bytes
+    source: Source
+    failed_at: str
+
+
+def load_schema(name: str) -> dict[str, Any]:
+    """One of ``input``, ``output``, ``dead_letter`` as a JSON Schema dict."""
+    return json.loads(resources.files(__package__).joinpath(SCHEMA_FILES[name]).read_text())

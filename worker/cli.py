@@ -1,0 +1,216 @@
+"""The ``emostream`` command line: parses arguments and dispatches, nothing more."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import orjson
+import typer
+
+from .settings import Settings, env_name, flag_name, settings_markdown
+
+cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
+                  help="Enrich Kafka text events with emotion scores.")
+
+ALL_FIELDS = tuple(Settings.model_fields)
+MODEL_FIELDS = ("model", "inference_threads", "providers", "batch_max_tokens", "include_text", "score_decimals",
+                "max_text_chars", "max_record_bytes", "log_level")
+CONNECTION_FIELDS = ("broker", "security_protocol", "sasl_mechanism", "sasl_username", "sasl_password",
+                     "ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_key_password", "partitions",
+                     "replication_factor")
+
+
+def _option(name: str) -> inspect.Parameter:
+    field = Settings.model_fields[name]
+    default = field.default
+    shown = str(default).lower() if isinstance(default, bool) else default
+    help_ = f"{field.description} [env {env_name(name)}; default: {shown!s}]"
+    if field.annotation is bool:
+        decl = typer.Option(None, f"{flag_name(name)}/--no-{name.replace('_', '-')}", help=help_, show_default=False)
+        ann = Optional[bool]
+    else:
+        ann = Optional[field.annotation if field.annotation in (int, float) else str]
+        decl = typer.Option(None, flag_name(name), help=help_, show_default=False)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=decl, annotation=ann)
+
+
+def with_settings(fields=ALL_FIELDS):
+    """Give a command one flag per setting; it receives ``settings`` (flag > env > default)."""
+
+    def deco(fn):
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(**kwargs):
+            overrides = {k: kwargs.pop(k) for k in fields}
+            try:
+                settings = Settings.from_env(**overrides)
+            except Exception as exc:  # pydantic ValidationError: show it as a usage error
+                raise typer.BadParameter(str(exc)) from exc
+            return fn(settings=settings, **kwargs)
+
+        params = [p for p in sig.parameters.values() if p.name != "settings"]
+        wrapper.__signature__ = sig.replace(parameters=params + [_option(n) for n in fields])
+        return wrapper
+
+    return deco
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------
+@cli.command()
+def broker(port: int = typer.Option(9092, "--port", "-p", help="Port on 127.0.0.1.")) -> None:
+    """Run the embedded Kafka-protocol broker (Tansu, in memory) until Ctrl-C."""
+    import signal
+    import threading
+
+    from .broker import EmbeddedBroker
+
+    b = EmbeddedBroker(port=port).start()
+    typer.echo(f"broker listening on {b.address} (EMOSTREAM_BROKER={b.url}); Ctrl-C stops it", err=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.is_set() and b.proc is not None and b.proc.poll() is None:
+            stop.wait(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        b.stop()
+    typer.echo("broker stopped", err=True)
+
+
+@cli.command()
+@with_settings()
+def worker(settings: Settings) -> None:
+    """Consume the input topic, enrich, publish; runs until SIGTERM/SIGINT."""
+    from .runner import run_worker
+
+    raise typer.Exit(run_worker(settings))
+
+
+@cli.command()
+@with_settings(MODEL_FIELDS)
+def classify(
+    texts: Optional[List[str]] = typer.Argument(None, help="Texts to score; none = one per stdin line."),
+    table: bool = typer.Option(False, "--table", help="A readable table instead of JSON lines."),
+    settings: Settings = None,
+) -> None:
+    """Score texts without Kafka: one enriched JSON record per text on stdout."""
+    from .classify import classify_lines
+
+    setup_logging(settings.log_level if settings.log_level != "info" else "warning")
+    lines = texts if texts else (line.rstrip("\n") for line in sys.stdin)
+    classify_lines(settings, lines, table=table)
+
+
+@cli.command()
+@with_settings(CONNECTION_FIELDS + ("input_topic",))
+def produce(
+    topic: Optional[str] = typer.Argument(None, help="Topic (default: the input topic)."),
+    file: Optional[Path] = typer.Option(None, "--file", "-f", help="JSON lines file (default: stdin)."),
+    key_field: str = typer.Option("id", help="Use this field of each JSON line as the record key."),
+    settings: Settings = None,
+) -> None:
+    """Send JSON lines (or any lines) from a file or stdin to a topic, one record per line."""
+    from .kafka_io import produce as produce_records
+
+    topic = topic or settings.input_topic
+    stream = file.open("rb") if file else sys.stdin.buffer
+
+    def records():
+        for line in stream:
+            line = line.rstrip(b"\r\n")
+            if not line:
+                continue
+            key = None
+            try:
+                obj = orjson.loads(line)
+                if isinstance(obj, dict) and obj.get(key_field) is not None:
+                    key = str(obj[key_field]).encode()
+            except orjson.JSONDecodeError:
+                pass  # sent as it is: the worker dead-letters what it cannot read
+            yield key, line
+
+    n = asyncio.run(produce_records(settings, topic, records()))
+    typer.echo(f"produced {n} records to {topic}", err=True)
+
+
+@cli.command()
+@with_settings(CONNECTION_FIELDS + ("output_topic",))
+def consume(
+    topic: Optional[str] = typer.Argument(None, help="Topic (default: the output topic)."),
+    max_records: Optional[int] = typer.Option(None, "--max", "-n", help="Stop after N records."),
+    timeout: float = typer.Option(10.0, "--timeout", "-t", help="Stop after S seconds with nothing new."),
+    settings: Settings = None,
+) -> None:
+    """Print a topic's records as JSON lines on stdout (from the beginning)."""
+    from .kafka_io import consume as consume_records
+
+    topic = topic or settings.output_topic
+
+    async def run() -> int:
+        n = 0
+        async for rec in consume_records(settings, [topic], max_records, timeout):
+            sys.stdout.buffer.write((rec.value or b"null") + b"\n")
+            n += 1
+        sys.stdout.flush()
+        return n
+
+    n = asyncio.run(run())
+    typer.echo(f"consumed {n} records from {topic}", err=True)
+
+
+@cli.command()
+@with_settings(MODEL_FIELDS + ("batch_max", "batch_window_ms"))
+def demo(
+    count: int = typer.Option(300, "--count", help="Sample texts to send."),
+    show: int = typer.Option(8, "--show", help="Enriched records to print."),
+    settings: Settings = None,
+) -> None:
+    """Embedded broker + worker + sample traffic; prints results and a summary, then stops."""
+    from .demo import run_demo
+
+    setup_logging("warning")
+    raise typer.Exit(run_demo(settings, count=count, show=show))
+
+
+@cli.command("settings")
+def settings_cmd(markdown: bool = typer.Option(False, "--markdown", help="The README table.")) -> None:
+    """Print every setting (flag, environment variable, default)."""
+    if markdown:
+        typer.echo(settings_markdown())
+    else:
+        typer.echo(orjson.dumps(Settings.from_env().redacted(), option=orjson.OPT_INDENT_2).decode())
+
+
+@cli.command()
+def models() -> None:
+    """List the registered model manifests."""
+    from emostream.models.manifest import ManifestError, load_manifest, registered
+
+    for name, path in registered().items():
+        try:
+            m = load_manifest(path)
+            heads = ", ".join(f"{h.name}({h.kind})" for h in m.heads) or "no heads (embeddings only)"
+            typer.echo(f"{name}: backbone {m.backbone.name} {m.backbone.version}, {heads}")
+        except ManifestError as exc:
+            typer.echo(f"{name}: unavailable: {exc}")
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

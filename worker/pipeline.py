@@ -1,0 +1,154 @@
+"""The whole enrichment of one batch, with no Kafka in sight.
+
+``Enricher(batch) -> BatchResult``: decode → validate → tokenize/embed → heads → build records →
+encode. The faust agent, ``emostream classify`` and the benchmark all call this one function, so
+what is tested here is what runs in production.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable, Sequence
+
+import numpy as np
+import orjson
+
+from emostream.models.model import EmotionModel, Prediction
+from emostream.schemas.records import ErrorCode
+
+from .decode import RawMessage, Rejected, ValidRecord, decode
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+RESERVED = ("id", "emotions", "model", "source", "processed_at")
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """An encoded record ready to produce, keyed like its input."""
+
+    key: bytes | None
+    value: bytes
+    id: str | None
+    source: RawMessage
+
+
+@dataclass
+class BatchResult:
+    outputs: list[Outgoing] = field(default_factory=list)
+    dead_letters: list[Outgoing] = field(default_factory=list)
+    dlq_reasons: Counter = field(default_factory=Counter)
+    tokens: int = 0
+    padded_tokens: int = 0
+    inference_s: float = 0.0
+    size: int = 0
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds")
+
+
+def source_of(msg: RawMessage) -> dict:
+    return {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset, "timestamp": iso(msg.timestamp)}
+
+
+class Enricher:
+    """Callable over a batch of raw messages; thread-safe to call from one executor thread."""
+
+    def __init__(self, model: EmotionModel, settings: Settings, clock: Callable[[], float] = time.time):
+        self.model = model
+        self.settings = settings
+        self.clock = clock
+        self.model_info = model.info
+        self._labels = {h.name: h.labels for h in model.heads}
+
+    # -- steps -------------------------------------------------------------------------------
+    def __call__(self, batch: Sequence[RawMessage]) -> BatchResult:
+        result = BatchResult(size=len(batch))
+        valid: list[ValidRecord] = []
+        for msg in batch:
+            rec = decode(msg, self.settings)
+            if isinstance(rec, Rejected):
+                self._dead_letter(result, rec)
+            else:
+                valid.append(rec)
+        if valid:
+            t0 = time.perf_counter()
+            for group, pred in self._predict_isolating_failures(valid, result):
+                self._build(group, pred, result)
+            result.inference_s = time.perf_counter() - t0
+        return result
+
+    def _predict_isolating_failures(self, records: list[ValidRecord], result: BatchResult):
+        """Predict; when a batch fails, split it in halves until the failing records are alone.
+
+        A record that fails on its own goes to the dead-letter topic (``inference_failed``); the
+        others come out normally. A failing batch of n costs at most ~2·log2(n) extra calls per
+        bad record, and there is no retry loop that could spin forever.
+        """
+        try:
+            pred = self.model.predict([r.text for r in records], max_tokens=self.settings.batch_max_tokens)
+        except Exception as exc:  # noqa: BLE001 - any model error isolates, never kills the worker
+            if len(records) == 1:
+                log.warning("inference failed for record %s: %r", records[0].id, exc)
+                self._dead_letter(result, Rejected(records[0].msg, ErrorCode.INFERENCE_FAILED,
+                                                   f"inference failed: {exc!r}", records[0].id))
+                return
+            mid = len(records) // 2
+            log.warning("inference failed for a batch of %d; splitting: %r", len(records), exc)
+            yield from self._predict_isolating_failures(records[:mid], result)
+            yield from self._predict_isolating_failures(records[mid:], result)
+            return
+        result.tokens += pred.tokens
+        result.padded_tokens += pred.padded_tokens
+        yield records, pred
+
+    def _build(self, records: list[ValidRecord], pred: Prediction, result: BatchResult) -> None:
+        decimals = self.settings.score_decimals
+        per_head = []
+        for name, out in pred.heads.items():
+            labels = self._labels[name]
+            per_head.append((name, labels, np.round(out.probs.astype(np.float64), decimals).tolist(), out.selected, out.top.tolist()))
+        now = iso(self.clock())
+        include_text = self.settings.include_text
+        for i, rec in enumerate(records):
+            emotions = {}
+            for name, labels, scores, selected, top in per_head:
+                emotions[name] = {
+                    "scores": dict(zip(labels, scores[i])),
+                    "labels": [labels[j] for j in np.flatnonzero(selected[i])],
+                    "top": labels[top[i]],
+                }
+            record = dict(rec.extra) if rec.extra else {}
+            record["id"] = rec.id
+            if include_text:
+                record["text"] = rec.text
+            record["emotions"] = emotions
+            record["model"] = self.model_info
+            record["source"] = source_of(rec.msg)
+            record["processed_at"] = now
+            result.outputs.append(Outgoing(rec.msg.key, orjson.dumps(record), rec.id, rec.msg))
+
+    def _dead_letter(self, result: BatchResult, rej: Rejected) -> None:
+        value = rej.msg.value
+        limit = self.settings.dlq_max_original_bytes
+        record = {
+            "id": rej.id,
+            "error": {"code": rej.code.value, "message": rej.message},
+            "original": None if value is None else base64.b64encode(value[:limit]).decode("ascii"),
+            "original_size": None if value is None else len(value),
+            "original_truncated": value is not None and len(value) > limit,
+            "key": None if rej.msg.key is None else base64.b64encode(rej.msg.key).decode("ascii"),
+            "source": source_of(rej.msg),
+            "failed_at": iso(self.clock()),
+        }
+        result.dead_letters.append(Outgoing(rej.msg.key, orjson.dumps(record), rej.id, rej.msg))
+        result.dlq_reasons[rej.code.value] += 1

@@ -1,0 +1,187 @@
+"""Every setting of emostream, in one place.
+
+Each field is one environment variable (``EMOSTREAM_<NAME>``) and one CLI flag (``--name``) with
+the documented default below; the README table is generated from this class
+(``emostream settings --markdown``) and a test keeps the two in sync.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ENV_PREFIX = "EMOSTREAM_"
+SECRET_FIELDS = frozenset({"sasl_password", "ssl_key_password"})
+
+
+class Settings(BaseModel):
+    """Effective configuration of a worker (frozen once built)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # --- Kafka -------------------------------------------------------------------------------
+    broker: str = Field(
+        "kafka://127.0.0.1:9092",
+        description="Kafka bootstrap servers (faust URL; several separated by ';'). Loopback by default.",
+        json_schema_extra={"group": "kafka"},
+    )
+    input_topic: str = Field("texts", description="Topic the worker consumes.", json_schema_extra={"group": "kafka"})
+    output_topic: str = Field(
+        "texts.enriched", description="Topic enriched records go to.", json_schema_extra={"group": "kafka"}
+    )
+    dlq_topic: str = Field(
+        "texts.dlq", description="Dead-letter topic for records that cannot be enriched.",
+        json_schema_extra={"group": "kafka"},
+    )
+    group_id: str = Field(
+        "emostream", description="Consumer group (and faust app id); workers sharing it split the partitions.",
+        json_schema_extra={"group": "kafka"},
+    )
+    partitions: int = Field(
+        8, ge=1, description="Partitions used when the worker has to create a topic.",
+        json_schema_extra={"group": "kafka"},
+    )
+    replication_factor: int = Field(
+        1, ge=1, description="Replication factor used when the worker has to create a topic.",
+        json_schema_extra={"group": "kafka"},
+    )
+    session_timeout_s: float = Field(
+        30.0, gt=0, description="Consumer session timeout: how fast a dead worker's partitions move.",
+        json_schema_extra={"group": "kafka"},
+    )
+    commit_interval_s: float = Field(
+        1.0, gt=0, description="How often acknowledged input offsets are committed.",
+        json_schema_extra={"group": "kafka"},
+    )
+    broker_wait_s: float = Field(
+        0.0, ge=0, description="At start, wait this long for the broker to answer (0 = forever), logging each retry.",
+        json_schema_extra={"group": "kafka"},
+    )
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security protocol.", json_schema_extra={"group": "kafka"}
+    )
+    sasl_mechanism: str = Field(
+        "PLAIN", description="SASL mechanism (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512).",
+        json_schema_extra={"group": "kafka"},
+    )
+    sasl_username: str = Field("", description="SASL user name.", json_schema_extra={"group": "kafka"})
+    sasl_password: str = Field("", description="SASL password (never logged).", json_schema_extra={"group": "kafka"})
+    ssl_cafile: str = Field("", description="CA bundle for SSL brokers.", json_schema_extra={"group": "kafka"})
+    ssl_certfile: str = Field("", description="Client certificate (mutual TLS).", json_schema_extra={"group": "kafka"})
+    ssl_keyfile: str = Field("", description="Client private key (mutual TLS).", json_schema_extra={"group": "kafka"})
+    ssl_key_password: str = Field("", description="Password of the client key (never logged).",
+                                  json_schema_extra={"group": "kafka"})
+
+    # --- Batching ----------------------------------------------------------------------------
+    batch_max: int = Field(64, ge=1, description="Largest batch (records).", json_schema_extra={"group": "batching"})
+    batch_window_ms: float = Field(
+        50.0, gt=0, description="A batch closes this long after the worker started waiting for it.",
+        json_schema_extra={"group": "batching"},
+    )
+    batch_max_tokens: int = Field(
+        4096, ge=16,
+        description="Padded-token budget of one inference call; a batch is split into length-sorted "
+        "sub-batches that fit it.",
+        json_schema_extra={"group": "batching"},
+    )
+
+    # --- Records -----------------------------------------------------------------------------
+    input_format: Literal["json", "text"] = Field(
+        "json", description="`json`: objects with a `text` field; `text`: the whole value is UTF-8 text.",
+        json_schema_extra={"group": "records"},
+    )
+    include_text: bool = Field(False, description="Copy `text` into the enriched record.",
+                               json_schema_extra={"group": "records"})
+    max_record_bytes: int = Field(
+        1_048_576, ge=1, description="Larger input values go to the dead-letter topic (`too_large`).",
+        json_schema_extra={"group": "records"},
+    )
+    max_text_chars: int = Field(
+        20_000, ge=1, description="Longer texts go to the dead-letter topic (`text_too_long`).",
+        json_schema_extra={"group": "records"},
+    )
+    dlq_max_original_bytes: int = Field(
+        65_536, ge=0, description="Dead-letter records keep at most this many bytes of the original value.",
+        json_schema_extra={"group": "records"},
+    )
+    score_decimals: int = Field(6, ge=1, le=9, description="Decimals kept in output scores.",
+                                json_schema_extra={"group": "records"})
+
+    # --- Model -------------------------------------------------------------------------------
+    model: str = Field(
+        "minilm-go-emotions",
+        description="Model manifest: a registered name (see `emostream models`) or a path to a .toml file.",
+        json_schema_extra={"group": "model"},
+    )
+    inference_threads: int = Field(
+        0, ge=0, description="ONNX Runtime intra-op threads (0 = one per core).",
+        json_schema_extra={"group": "model"},
+    )
+    providers: str = Field(
+        "CPUExecutionProvider",
+        description="ONNX Runtime execution providers in order of preference, comma-separated "
+        "(e.g. CUDAExecutionProvider,CPUExecutionProvider).",
+        json_schema_extra={"group": "model"},
+    )
+
+    # --- Operations --------------------------------------------------------------------------
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level.", json_schema_extra={"group": "operations"}
+    )
+
+    # --- derived -----------------------------------------------------------------------------
+    @property
+    def batch_window_s(self) -> float:
+        return self.batch_window_ms / 1000.0
+
+    @property
+    def bootstrap_servers(self) -> list[str]:
+        """Broker URL(s) as host:port strings for aiokafka."""
+        servers = []
+        for part in self.broker.replace(",", ";").split(";"):
+            part = part.strip()
+            if "://" in part:
+                part = part.split("://", 1)[1]
+            if part:
+                servers.append(part)
+        return servers
+
+    def redacted(self) -> dict[str, Any]:
+        """Settings as a dict for logs and banners, secrets replaced."""
+        data = self.model_dump()
+        for name in SECRET_FIELDS:
+            if data.get(name):
+                data[name] = "***"
+        return data
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+        """Defaults, then ``EMOSTREAM_*`` variables, then explicit overrides (None = not given)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name in cls.model_fields:
+            env = env_name(name)
+            if env in environ:
+                values[name] = environ[env]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(values)
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def settings_markdown() -> str:
+    """The README table of settings, generated from :class:`Settings`."""
+    rows = ["| flag | environment variable | default | meaning |", "| --- | --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = "(empty)" if default == "" else f"`{str(default).lower() if isinstance(default, bool) else default}`"
+        rows.append(f"| `{flag_name(name)}` | `{env_name(name)}` | {shown} | {field.description} |")
+    return "\n".join(rows)
