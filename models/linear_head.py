@@ -235,24 +235,28 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def embed_cached(
-    encoder, texts: Sequence[str], source: str | Path, cache_dir: str | Path | None = DEFAULT_CACHE_DIR
-) -> np.ndarray:
-    """``encoder.embed(texts)``, kept in ``cache_dir`` as .npy keyed by the source file's content
+def embedding_cache_path(spec, n_texts: int, source: str | Path, cache_dir: str | Path) -> Path:
+    """Where :func:`embed_cached` keeps the embeddings of ``source``: keyed by the file's content
     and the backbone (name, version, weights file, pooling, normalisation, max length)."""
-    if cache_dir is None:
-        return encoder.embed(list(texts)).embeddings
-    spec = encoder.spec
     source = Path(source)
     key = hashlib.sha256(
         json.dumps(
             [
-                _sha256(source), len(texts), spec.name, spec.version, str(spec.onnx),
+                _sha256(source), n_texts, spec.name, spec.version, str(spec.onnx),
                 spec.onnx.stat().st_size, spec.pooling, spec.normalize, spec.max_length, spec.output,
             ]
         ).encode()
     ).hexdigest()[:20]
-    path = Path(cache_dir) / f"{source.stem}-{spec.name}-{key}.npy"
+    return Path(cache_dir) / f"{source.stem}-{spec.name}-{key}.npy"
+
+
+def embed_cached(
+    encoder, texts: Sequence[str], source: str | Path, cache_dir: str | Path | None = DEFAULT_CACHE_DIR
+) -> np.ndarray:
+    """``encoder.embed(texts)``, kept in ``cache_dir`` as .npy (see :func:`embedding_cache_path`)."""
+    if cache_dir is None:
+        return encoder.embed(list(texts)).embeddings
+    path = embedding_cache_path(encoder.spec, len(texts), source, cache_dir)
     if path.is_file():
         emb = np.load(path)
         if emb.shape[0] == len(texts):
@@ -319,7 +323,7 @@ def train(
     dev_tsv: str | Path,
     out_dir: str | Path,
     model: str = DEFAULT_BACKBONE,
-    C: float | Sequence[float] = (0.01, 0.03, 0.1),
+    C: float | Sequence[float] = (0.003, 0.01, 0.03),
     class_weights: Sequence[str | None] = (None, "balanced"),
     labels: Sequence[str] | None = None,
     grid: np.ndarray = DEFAULT_GRID,
@@ -344,6 +348,10 @@ def train(
 
     backbone = find_manifest(model).backbone
     encoder = Encoder(backbone, threads=threads)
+    cached = cache_dir is not None and all(
+        embedding_cache_path(backbone, n, src, cache_dir).is_file()
+        for n, src in ((len(train_texts), train_tsv), (len(dev_texts), dev_tsv))
+    )
     t0 = time.perf_counter()
     X_train = embed_cached(encoder, train_texts, train_tsv, cache_dir)
     X_dev = embed_cached(encoder, dev_texts, dev_tsv, cache_dir)
@@ -405,7 +413,7 @@ def train(
         },
         "search": search,
         "timing_s": {
-            "embed": round(t_embed, 1), "fit_and_select": round(t_fit, 1),
+            "embed": round(t_embed, 1), "embeddings_from_cache": cached, "fit_and_select": round(t_fit, 1),
             "total": round(time.perf_counter() - t_start, 1),
         },
     }
@@ -423,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", required=True, type=Path, help="directory for head.onnx, labels.json, thresholds.json, metrics.json")
     ap.add_argument("--model", default=DEFAULT_BACKBONE, help="manifest (name or path) whose backbone embeds the texts")
     ap.add_argument("--labels", type=Path, help="label names, one a line (default: labels.txt beside --train)")
-    ap.add_argument("--C", type=float, nargs="+", default=[0.01, 0.03, 0.1], help="inverse L2 strengths to try")
+    ap.add_argument("--C", type=float, nargs="+", default=[0.003, 0.01, 0.03], help="inverse L2 strengths to try")
     ap.add_argument("--class-weight", nargs="+", default=["none", "balanced"], choices=["none", "balanced"])
     ap.add_argument("--max-iter", type=int, default=500)
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads for embedding (0: all)")
