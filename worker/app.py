@@ -83,8 +83,10 @@ def create_app(settings: Settings, enricher: Enricher) -> faust.App:
             result: BatchResult = await loop.run_in_executor(executor, enricher, batch)
             await _publish(app.producer, settings.output_topic, result.outputs)
             await _publish(app.producer, settings.dlq_topic, result.dead_letters)
-            log.debug("batch of %d: %d out, %d dead-lettered, %.1f ms inference", result.size,
-                      len(result.outputs), len(result.dead_letters), result.inference_s * 1000)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("batch of %d: %d out, %d dead-lettered, %.1f ms inference, partitions %s", result.size,
+                          len(result.outputs), len(result.dead_letters), result.inference_s * 1000,
+                          sorted({m.partition for m in batch}))
             # Leaving the loop body lets take_events ack these events; commit follows.
 
     return app

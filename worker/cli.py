@@ -76,15 +76,14 @@ def broker(port: int = typer.Option(9092, "--port", "-p", help="Port on 127.0.0.
 
     from .broker import EmbeddedBroker
 
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     b = EmbeddedBroker(port=port).start()
     typer.echo(f"broker listening on {b.address} (EMOSTREAM_BROKER={b.url}); Ctrl-C stops it", err=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         while not stop.is_set() and b.proc is not None and b.proc.poll() is None:
             stop.wait(0.5)
-    except KeyboardInterrupt:
-        pass
     finally:
         b.stop()
     typer.echo("broker stopped", err=True)

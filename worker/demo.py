@@ -39,7 +39,7 @@ def run_demo(settings: Settings, count: int = 300, show: int = 8) -> int:
         env = dict(os.environ)
         for name, value in settings.model_dump().items():
             env[env_name(name)] = str(value).lower() if isinstance(value, bool) else str(value)
-        env.setdefault(env_name("log_level"), "warning")
+        env[env_name("log_level")] = "warning"  # keep the demo's own output readable
         worker = subprocess.Popen([sys.executable, "-m", "emostream.worker.cli", "worker"], env=env)
         try:
             return _traffic(console, settings, worker, count, show)

