@@ -3,16 +3,20 @@
 Nothing else happens here. Offsets advance only through faust's acknowledgements, and
 ``take_events`` acknowledges a batch only after this agent's loop body has returned for it — by
 then every output and dead-letter record of the batch has been acknowledged by the broker
-(``_publish`` awaits each delivery). So a commit never covers an unpublished record
-(at-least-once). Any error while publishing crashes the worker (``CrashingSupervisor``) instead
-of skipping the batch: a supervisor restarts it and the uncommitted records are read again.
+(``publish`` awaits each delivery). So a commit never covers an unpublished record
+(at-least-once). A publish that fails is retried (``on_broker_loss=retry``) or ends the process
+with a non-zero code (``exit``); it is never skipped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import ssl
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
@@ -24,6 +28,32 @@ from .pipeline import BatchResult, Enricher, Outgoing
 from .settings import Settings
 
 log = logging.getLogger("emostream.worker")
+
+EXIT_BROKER_LOST = 3
+EXIT_PUBLISH_FAILED = 4
+
+
+class ExitRequest:
+    """A shutdown with a non-zero exit code, asked for from inside the running app.
+
+    The worker is stopped like on SIGTERM (so nothing unpublished is committed); if that hangs
+    on a dead broker, the process exits hard after ``grace_s`` — still safe, because offsets of
+    unpublished records were never committed.
+    """
+
+    def __init__(self, grace_s: float = 20.0):
+        self.code = 0
+        self.grace_s = grace_s
+
+    def __call__(self, code: int, reason: str) -> None:
+        if self.code:
+            return
+        self.code = code
+        log.error("stopping the worker with exit code %d: %s", code, reason)
+        timer = threading.Timer(self.grace_s, os._exit, [code])
+        timer.daemon = True
+        timer.start()
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def broker_credentials(settings: Settings):
@@ -44,14 +74,28 @@ def broker_credentials(settings: Settings):
     return None
 
 
-async def _publish(producer, topic: str, records: Sequence[Outgoing]) -> None:
+async def send_all(producer, topic: str, records: Sequence[Outgoing]) -> None:
     """Send all records, then wait until the broker has acknowledged every one (raises if any fails)."""
     futures = [await producer.send(topic, r.key, r.value, None, None, None) for r in records]
     if futures:
         await asyncio.gather(*futures)
 
 
-def create_app(settings: Settings, enricher: Enricher) -> faust.App:
+async def broker_reachable(servers: Sequence[str], timeout: float = 2.0) -> bool:
+    """True when a TCP connection to any bootstrap server opens."""
+    for server in servers:
+        host, _, port = server.rpartition(":")
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port)), timeout)
+            writer.close()
+            return True
+        except (OSError, asyncio.TimeoutError, ValueError):
+            continue
+    return False
+
+
+def create_app(settings: Settings, enricher: Enricher, exit_request: ExitRequest | None = None) -> faust.App:
+    exit_request = exit_request or ExitRequest()
     app = faust.App(
         settings.group_id,
         broker=settings.broker,
@@ -67,6 +111,9 @@ def create_app(settings: Settings, enricher: Enricher) -> faust.App:
         broker_commit_interval=settings.commit_interval_s,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
+        producer_request_timeout=settings.publish_timeout_s,
+        producer_max_request_size=max(1_048_576, 2 * settings.max_record_bytes),
+        stream_buffer_maxsize=settings.buffer_max,
         processing_guarantee="at_least_once",
         web_enabled=False,
         agent_supervisor=CrashingSupervisor,
@@ -75,18 +122,60 @@ def create_app(settings: Settings, enricher: Enricher) -> faust.App:
                        key_serializer="raw", value_serializer="raw")
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emostream-infer")
     app.emostream_executor = executor  # type: ignore[attr-defined]
+    app.emostream_exit = exit_request  # type: ignore[attr-defined]
+    broker_down_since: list[float | None] = [None]
+
+    async def publish(result: BatchResult) -> None:
+        """Publish a batch's records; retry or exit on failure, never return without publishing."""
+        delay = 0.5
+        while True:
+            try:
+                if settings.fault_publish_delay_ms:
+                    await asyncio.sleep(settings.fault_publish_delay_ms / 1000)
+                await send_all(app.producer, settings.output_topic, result.outputs)
+                await send_all(app.producer, settings.dlq_topic, result.dead_letters)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every publish failure is handled the same way
+                if settings.on_broker_loss == "exit":
+                    exit_request(EXIT_PUBLISH_FAILED, f"publishing a batch of {result.size} failed: {exc!r}")
+                    await asyncio.Event().wait()  # never ack this batch; shutdown cancels us
+                log.error("publishing a batch of %d failed (%r); retrying in %.1f s — nothing is committed "
+                          "until it succeeds (records already sent may be duplicated)", result.size, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     @app.agent(source, name="enrich")
     async def enrich(stream) -> None:
         loop = asyncio.get_running_loop()
         async for batch in batches(stream, settings.batch_max, settings.batch_window_s):
             result: BatchResult = await loop.run_in_executor(executor, enricher, batch)
-            await _publish(app.producer, settings.output_topic, result.outputs)
-            await _publish(app.producer, settings.dlq_topic, result.dead_letters)
+            await publish(result)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("batch of %d: %d out, %d dead-lettered, %.1f ms inference, partitions %s", result.size,
                           len(result.outputs), len(result.dead_letters), result.inference_s * 1000,
                           sorted({m.partition for m in batch}))
             # Leaving the loop body lets take_events ack these events; commit follows.
+
+    @app.timer(interval=2.0)
+    async def watch_broker() -> None:
+        """Say when the broker goes away and comes back; apply on_broker_loss=exit."""
+        up = await broker_reachable(settings.bootstrap_servers)
+        now = time.monotonic()
+        since = broker_down_since[0]
+        if up:
+            if since is not None:
+                log.warning("broker %s reachable again after %.0f s", settings.broker, now - since)
+            broker_down_since[0] = None
+            return
+        if since is None:
+            broker_down_since[0] = since = now
+            log.error("broker %s unreachable (policy on_broker_loss=%s); consuming and publishing are paused, "
+                      "nothing unpublished is committed", settings.broker, settings.on_broker_loss)
+        elif int(now - since) % 10 < 2:
+            log.error("broker %s unreachable for %.0f s", settings.broker, now - since)
+        if settings.on_broker_loss == "exit" and now - since >= settings.broker_loss_exit_s:
+            exit_request(EXIT_BROKER_LOST, f"broker unreachable for {now - since:.0f} s")
 
     return app

@@ -10,7 +10,8 @@ import faust
 
 from emostream.models.model import EmotionModel
 
-from .app import create_app
+from .app import ExitRequest, create_app
+from .faults import FailOnMarker
 from .kafka_io import ensure_topics
 from .pipeline import Enricher
 from .settings import Settings
@@ -48,8 +49,12 @@ def run_worker(settings: Settings) -> int:
     model = load_model(settings)
     if not wait_for_broker(settings):
         return 2
+    if settings.fault_fail_text:
+        log.warning("fault injection on: inference fails for texts containing %r", settings.fault_fail_text)
+        model = FailOnMarker(model, settings.fault_fail_text)
     enricher = Enricher(model, settings)
-    app = create_app(settings, enricher)
+    exit_request = ExitRequest()
+    app = create_app(settings, enricher, exit_request)
     worker = faust.Worker(app, loglevel=settings.log_level.upper(), quiet=True)
     info = model.info
     log.warning(
@@ -59,10 +64,11 @@ def run_worker(settings: Settings) -> int:
         info["name"], info["backbone"]["name"], info["backbone"]["version"], info["heads"],
         settings.batch_max, settings.batch_window_ms, settings.redacted(),
     )
+    code = 0
     try:
         worker.execute_from_commandline()
     except SystemExit as exc:
-        return int(exc.code or 0)
+        code = int(exc.code or 0)
     finally:
         app.emostream_executor.shutdown(wait=False)  # type: ignore[attr-defined]
-    return 0
+    return exit_request.code or code

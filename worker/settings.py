@@ -74,6 +74,26 @@ class Settings(BaseModel):
     ssl_key_password: str = Field("", description="Password of the client key (never logged).",
                                   json_schema_extra={"group": "kafka"})
 
+    buffer_max: int = Field(
+        1024, ge=1,
+        description="Records held in memory ahead of the agent; beyond it the fetcher pauses (backpressure).",
+        json_schema_extra={"group": "kafka"},
+    )
+    publish_timeout_s: float = Field(
+        30.0, gt=0, description="How long one publish may wait for the broker's acknowledgement.",
+        json_schema_extra={"group": "kafka"},
+    )
+    on_broker_loss: Literal["retry", "exit"] = Field(
+        "retry",
+        description="When the broker is lost mid-run: `retry` keeps retrying (nothing is committed until the "
+        "batch is published); `exit` exits with code 3 after `broker_loss_exit_s`.",
+        json_schema_extra={"group": "kafka"},
+    )
+    broker_loss_exit_s: float = Field(
+        60.0, gt=0, description="With on_broker_loss=exit: how long the broker may be unreachable before exiting.",
+        json_schema_extra={"group": "kafka"},
+    )
+
     # --- Batching ----------------------------------------------------------------------------
     batch_max: int = Field(64, ge=1, description="Largest batch (records).", json_schema_extra={"group": "batching"})
     batch_window_ms: float = Field(
@@ -129,6 +149,16 @@ class Settings(BaseModel):
     # --- Operations --------------------------------------------------------------------------
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level.", json_schema_extra={"group": "operations"}
+    )
+
+    # --- Testing aids (fault injection; off by default) --------------------------------------
+    fault_publish_delay_ms: float = Field(
+        0.0, ge=0, description="Testing aid: sleep before publishing each batch (simulates a slow broker).",
+        json_schema_extra={"group": "testing"},
+    )
+    fault_fail_text: str = Field(
+        "", description="Testing aid: inference raises for any batch holding a text that contains this marker.",
+        json_schema_extra={"group": "testing"},
     )
 
     # --- derived -----------------------------------------------------------------------------
