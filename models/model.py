@@ -21,14 +21,25 @@ class Prediction:
 
 
 class EmotionModel:
-    def __init__(self, manifest: Manifest, threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",)):
+    def __init__(self, manifest: Manifest, threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",),
+                 encoder: Encoder | None = None):
         self.manifest = manifest
-        self.encoder = Encoder(manifest.backbone, threads, providers)
+        self.threads = threads
+        self.providers = tuple(providers)
+        self.encoder = encoder or Encoder(manifest.backbone, threads, providers)
         self.heads = [Head(spec, threads=1, providers=providers) for spec in manifest.heads]
+        self._bb_mtime = manifest.backbone.onnx.stat().st_mtime_ns
 
     @classmethod
     def load(cls, name_or_path: str, threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",)) -> "EmotionModel":
         return cls(find_manifest(name_or_path), threads, providers)
+
+    def reloaded(self, name_or_path: str) -> "EmotionModel":
+        """The manifest read again; the backbone session is kept when its spec and file are unchanged."""
+        manifest = find_manifest(name_or_path)
+        same = manifest.backbone == self.manifest.backbone and \
+            manifest.backbone.onnx.stat().st_mtime_ns == self._bb_mtime
+        return EmotionModel(manifest, self.threads, self.providers, encoder=self.encoder if same else None)
 
     @property
     def info(self) -> dict:

@@ -34,6 +34,7 @@ class Topics:
 
     def __init__(self, broker: EmbeddedBroker, partitions: int = 4, **overrides):
         tag = uuid.uuid4().hex[:8]
+        overrides.setdefault("metrics_port", 0)  # several workers per test: no fixed port
         self.settings = Settings.from_env(
             environ={},
             broker=broker.url,

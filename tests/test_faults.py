@@ -168,7 +168,7 @@ def _env_for(b: EmbeddedBroker, **over) -> tuple[Topics, dict]:
             self.settings = Settings.from_env(
                 environ={}, broker=b.url, input_topic=f"in-{tag}", output_topic=f"out-{tag}",
                 dlq_topic=f"dlq-{tag}", group_id=f"g-{tag}", partitions=2, session_timeout_s=10,
-                commit_interval_s=0.5, **over)
+                commit_interval_s=0.5, metrics_port=0, **over)
 
     t = Lazy()
     return t, t.env()

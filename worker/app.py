@@ -24,6 +24,8 @@ import faust
 from mode import CrashingSupervisor
 
 from .batching import batches
+from .health import HealthServer
+from .metrics import Metrics
 from .pipeline import BatchResult, Enricher, Outgoing
 from .settings import Settings
 
@@ -94,8 +96,11 @@ async def broker_reachable(servers: Sequence[str], timeout: float = 2.0) -> bool
     return False
 
 
-def create_app(settings: Settings, enricher: Enricher, exit_request: ExitRequest | None = None) -> faust.App:
+def create_app(settings: Settings, enricher: Enricher, exit_request: ExitRequest | None = None,
+               metrics: Metrics | None = None, health: HealthServer | None = None, reloader=None) -> faust.App:
+    """The faust app around one Enricher; metrics, health and reloading are optional collaborators."""
     exit_request = exit_request or ExitRequest()
+    metrics = metrics or Metrics()
     app = faust.App(
         settings.group_id,
         broker=settings.broker,
@@ -134,10 +139,12 @@ def create_app(settings: Settings, enricher: Enricher, exit_request: ExitRequest
                     await asyncio.sleep(settings.fault_publish_delay_ms / 1000)
                 await send_all(app.producer, settings.output_topic, result.outputs)
                 await send_all(app.producer, settings.dlq_topic, result.dead_letters)
+                await send_all(app.producer, settings.alerts_topic, result.alerts)
                 return
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - every publish failure is handled the same way
+                metrics.publish_failed()
                 if settings.on_broker_loss == "exit":
                     exit_request(EXIT_PUBLISH_FAILED, f"publishing a batch of {result.size} failed: {exc!r}")
                     await asyncio.Event().wait()  # never ack this batch; shutdown cancels us
@@ -149,14 +156,66 @@ def create_app(settings: Settings, enricher: Enricher, exit_request: ExitRequest
     @app.agent(source, name="enrich")
     async def enrich(stream) -> None:
         loop = asyncio.get_running_loop()
+        batch_id = 0
         async for batch in batches(stream, settings.batch_max, settings.batch_window_s):
+            batch_id += 1
             result: BatchResult = await loop.run_in_executor(executor, enricher, batch)
             await publish(result)
+            metrics.observe_batch(result, time.time())
+            if enricher.cache is not None:
+                metrics.sync_cache(enricher.cache_stats())
+            if result.alerts:
+                metrics.observe_alerts(result.alerts_fired.elements())
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("batch of %d: %d out, %d dead-lettered, %.1f ms inference, partitions %s", result.size,
-                          len(result.outputs), len(result.dead_letters), result.inference_s * 1000,
-                          sorted({m.partition for m in batch}))
+                log.debug("batch of %d: %d out, %d dead-lettered, %d alerts, %.1f ms inference, partitions %s",
+                          result.size, len(result.outputs), len(result.dead_letters), len(result.alerts),
+                          result.inference_s * 1000, sorted({m.partition for m in batch}),
+                          extra={"batch_id": batch_id, "size": result.size, "out": len(result.outputs),
+                                 "dlq": len(result.dead_letters), "alerts": len(result.alerts),
+                                 "inference_ms": round(result.inference_s * 1000, 1)})
             # Leaving the loop body lets take_events ack these events; commit follows.
+
+    def _count_assigned() -> int:
+        try:
+            return sum(1 for tp in app.consumer.assignment() if tp.topic == settings.input_topic)
+        except Exception:  # noqa: BLE001 - consumer not started yet
+            return 0
+
+    @app.on_rebalance_complete.connect
+    async def _rebalanced(sender, **kwargs) -> None:
+        n = _count_assigned()
+        if health is not None:
+            health.set_partitions(n)
+        else:
+            metrics.set_partitions(n)
+        log.info("Worker ready: %d partition(s) of %s assigned", n, settings.input_topic,
+                 extra={"partitions": n})
+
+    @app.on_partitions_revoked.connect
+    async def _revoked(sender, revoked, **kwargs) -> None:
+        if health is not None:
+            health.set_partitions(0)
+
+    if reloader is not None:
+        @app.task
+        async def _install_reload() -> None:
+            loop = asyncio.get_running_loop()
+            try:
+                loop.add_signal_handler(signal.SIGHUP, lambda: reloader.request("SIGHUP"))
+            except (NotImplementedError, RuntimeError):  # pragma: no cover - non-Unix
+                pass
+
+        @app.timer(interval=max(settings.reload_poll_s, 0.5) if settings.reload_poll_s else 1.0)
+        async def _reload() -> None:
+            """Swap the model on the inference thread, between two batches — never inside one."""
+            if not reloader.due():
+                return
+            loop = asyncio.get_running_loop()
+            new_model = await loop.run_in_executor(None, reloader.load)
+            if new_model is not None:
+                await loop.run_in_executor(executor, enricher.swap_model, new_model)
+                metrics.set_model(new_model.info)
+                log.warning("model reloaded: %s", new_model.info, extra={"model": new_model.info})
 
     @app.timer(interval=2.0)
     async def watch_broker() -> None:

@@ -185,9 +185,15 @@ def demo(
 
 
 @cli.command("settings")
-def settings_cmd(markdown: bool = typer.Option(False, "--markdown", help="The README table.")) -> None:
+def settings_cmd(markdown: bool = typer.Option(False, "--markdown", help="The README table."),
+                 readme: Optional[Path] = typer.Option(None, "--update-readme",
+                                                       help="Rewrite the table in this README.")) -> None:
     """Print every setting (flag, environment variable, default)."""
-    if markdown:
+    if readme is not None:
+        from .settings import update_readme
+
+        typer.echo("updated" if update_readme(readme) else "already up to date", err=True)
+    elif markdown:
         typer.echo(settings_markdown())
     else:
         typer.echo(orjson.dumps(Settings.from_env().redacted(), option=orjson.OPT_INDENT_2).decode())
@@ -205,6 +211,27 @@ def models() -> None:
             typer.echo(f"{name}: backbone {m.backbone.name} {m.backbone.version}, {heads}")
         except ManifestError as exc:
             typer.echo(f"{name}: unavailable: {exc}")
+
+
+@cli.command()
+def bench(
+    data: Optional[Path] = typer.Option(None, "--data", help="GoEmotions .tsv or one text per line "
+                                        "[default: ../shared/data/go_emotions/dev.tsv from the repo root]"),
+    out: Path = typer.Option(Path("bench-results"), "--out", help="Where bench.json, bench.md and plots go."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer texts and variants: under a minute."),
+    n: Optional[int] = typer.Option(None, "--n", min=1, help="Texts per stage [default: 1500, quick 150]."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model manifest name or path [default: settings]."),
+) -> None:
+    """Throughput and latency: raw model, pipeline, end to end through a broker, naive agent."""
+    from .bench import BenchError, BenchOptions, run_bench
+
+    setup_logging("warning")
+    try:
+        run_bench(BenchOptions(data=data, out=out, quick=quick, n=n, model=model))
+    except BenchError as exc:
+        typer.echo(f"bench failed: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"wrote {out / 'bench.json'} and {out / 'bench.md'}", err=True)
 
 
 def main() -> None:

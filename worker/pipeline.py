@@ -18,9 +18,12 @@ from typing import Callable, Sequence
 import numpy as np
 import orjson
 
+from emostream.models.heads import HeadOutput
 from emostream.models.model import EmotionModel, Prediction
 from emostream.schemas.records import ErrorCode
 
+from .cache import CachedResult, HeadRow, ResultCache, disabled_stats, text_key
+from .alerts import Rule, alert_record, evaluate
 from .decode import RawMessage, Rejected, ValidRecord, decode
 from .settings import Settings
 
@@ -48,6 +51,8 @@ class BatchResult:
     padded_tokens: int = 0
     inference_s: float = 0.0
     size: int = 0
+    alerts: list[Outgoing] = field(default_factory=list)  # copies of outputs that matched a rule
+    alerts_fired: Counter = field(default_factory=Counter)  # rule name → matches in this batch
 
 
 def iso(ts: float | None) -> str | None:
@@ -63,12 +68,26 @@ def source_of(msg: RawMessage) -> dict:
 class Enricher:
     """Callable over a batch of raw messages; thread-safe to call from one executor thread."""
 
-    def __init__(self, model: EmotionModel, settings: Settings, clock: Callable[[], float] = time.time):
-        self.model = model
+    def __init__(self, model: EmotionModel, settings: Settings, clock: Callable[[], float] = time.time,
+                 cache_size: int = 0, rules: Sequence[Rule] = ()):
         self.settings = settings
         self.clock = clock
+        self.rules = list(rules)
+        # Recent texts → results (duplicates / reposts skip inference); 0 = off.
+        self.cache: ResultCache | None = ResultCache(cache_size) if cache_size > 0 else None
+        self.swap_model(model)
+
+    def swap_model(self, model: EmotionModel) -> None:
+        """Use another model from the next batch on (called on the inference thread, between batches)."""
+        self.model = model
         self.model_info = model.info
         self._labels = {h.name: h.labels for h in model.heads}
+        if self.cache is not None:
+            self.cache.clear()  # cached results belong to the old model
+
+    def cache_stats(self) -> dict:
+        """Hits, misses, hit rate, entries and evictions of the result cache (``enabled`` False when off)."""
+        return self.cache.stats() if self.cache is not None else disabled_stats()
 
     # -- steps -------------------------------------------------------------------------------
     def __call__(self, batch: Sequence[RawMessage]) -> BatchResult:
@@ -95,7 +114,7 @@ class Enricher:
         bad record, and there is no retry loop that could spin forever.
         """
         try:
-            pred = self.model.predict([r.text for r in records], max_tokens=self.settings.batch_max_tokens)
+            pred = self._predict([r.text for r in records])
         except Exception as exc:  # noqa: BLE001 - any model error isolates, never kills the worker
             if len(records) == 1:
                 log.warning("inference failed for record %s: %r", records[0].id, exc)
@@ -111,14 +130,71 @@ class Enricher:
         result.padded_tokens += pred.padded_tokens
         yield records, pred
 
+    def _predict(self, texts: list[str]) -> Prediction:
+        if self.cache is None:
+            return self.model.predict(texts, max_tokens=self.settings.batch_max_tokens)
+        return self._predict_cached(texts)
+
+    def _predict_cached(self, texts: list[str]) -> Prediction:
+        """Look texts up first, run the model on the misses only (each distinct text once), insert them.
+
+        Rows served from the cache are the stored rows of the first computation, so a hit's
+        output equals what that text produced when it missed.
+        """
+        cache = self.cache
+        keys = [text_key(t) for t in texts]
+        found: list[CachedResult | None] = []
+        miss_row: dict[bytes, int] = {}  # key → row in the model's output
+        miss_texts: list[str] = []
+        for key, text in zip(keys, texts):
+            if key in miss_row:  # the same text earlier in this batch: computed once
+                cache.count_hit()
+                found.append(None)
+                continue
+            entry = cache.get(key)
+            found.append(entry)
+            if entry is None:
+                miss_row[key] = len(miss_texts)
+                miss_texts.append(text)
+        pred = None
+        if miss_texts:
+            pred = self.model.predict(miss_texts, max_tokens=self.settings.batch_max_tokens)
+            for key, j in miss_row.items():
+                cache.put(key, CachedResult(
+                    pred.embeddings[j].copy(),
+                    {name: HeadRow(out.probs[j].copy(), out.selected[j].copy(), int(out.top[j]))
+                     for name, out in pred.heads.items()},
+                ))
+            if len(miss_texts) == len(texts):
+                return pred
+        # Assemble rows in input order: from the model's output for misses, the cache for hits.
+        hit = [found[i] is not None for i in range(len(texts))]
+        src = [found[i] if hit[i] else miss_row[keys[i]] for i in range(len(texts))]
+        embeddings = np.stack([s.embedding if h else pred.embeddings[s] for s, h in zip(src, hit)])
+        heads: dict[str, HeadOutput] = {}
+        for name in self._labels:
+            rows = [s.heads[name] if h else None for s, h in zip(src, hit)]
+            out = pred.heads[name] if pred is not None else None
+            heads[name] = HeadOutput(
+                np.stack([r.probs if h else out.probs[s] for r, s, h in zip(rows, src, hit)]),
+                np.stack([r.selected if h else out.selected[s] for r, s, h in zip(rows, src, hit)]),
+                np.array([r.top if h else int(out.top[s]) for r, s, h in zip(rows, src, hit)], dtype=np.int64),
+            )
+        tokens = pred.tokens if pred is not None else 0
+        padded = pred.padded_tokens if pred is not None else 0
+        return Prediction(embeddings, heads, tokens, padded)
+
     def _build(self, records: list[ValidRecord], pred: Prediction, result: BatchResult) -> None:
         decimals = self.settings.score_decimals
         per_head = []
         for name, out in pred.heads.items():
             labels = self._labels[name]
             per_head.append((name, labels, np.round(out.probs.astype(np.float64), decimals).tolist(), out.selected, out.top.tolist()))
-        now = iso(self.clock())
+        now_s = self.clock()
+        now = iso(now_s)
         include_text = self.settings.include_text
+        emb_mode = self.settings.embedding_output
+        rules = self.rules
         for i, rec in enumerate(records):
             emotions = {}
             for name, labels, scores, selected, top in per_head:
@@ -135,7 +211,20 @@ class Enricher:
             record["model"] = self.model_info
             record["source"] = source_of(rec.msg)
             record["processed_at"] = now
-            result.outputs.append(Outgoing(rec.msg.key, orjson.dumps(record), rec.id, rec.msg))
+            if emb_mode == "float32":
+                record["embedding"] = pred.embeddings[i]
+            elif emb_mode == "float16":
+                vec = pred.embeddings[i].astype("<f2")
+                record["embedding"] = {"dtype": "float16", "dim": int(vec.shape[0]),
+                                       "data": base64.b64encode(vec.tobytes()).decode("ascii")}
+            result.outputs.append(Outgoing(rec.msg.key, orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY),
+                                           rec.id, rec.msg))
+            if rules:
+                fired = evaluate(rules, emotions)
+                if fired:
+                    result.alerts.append(Outgoing(rec.msg.key, orjson.dumps(
+                        alert_record(record, fired, now_s), option=orjson.OPT_SERIALIZE_NUMPY), rec.id, rec.msg))
+                    result.alerts_fired.update(fired)
 
     def _dead_letter(self, result: BatchResult, rej: Rejected) -> None:
         value = rej.msg.value

@@ -10,10 +10,15 @@ import faust
 
 from emostream.models.model import EmotionModel
 
+from .alerts import load_rules, validate
 from .app import ExitRequest, create_app
 from .faults import FailOnMarker
+from .health import HealthServer
 from .kafka_io import ensure_topics
+from .logging_setup import configure_logging, faust_worker_kwargs
+from .metrics import Metrics
 from .pipeline import Enricher
+from .reload import Reloader
 from .settings import Settings
 
 log = logging.getLogger("emostream.worker")
@@ -27,6 +32,8 @@ def load_model(settings: Settings) -> EmotionModel:
 def wait_for_broker(settings: Settings) -> bool:
     """Create missing topics, retrying with a clear log line while the broker does not answer."""
     topics = [settings.input_topic, settings.output_topic, settings.dlq_topic]
+    if settings.alert_rules:
+        topics.append(settings.alerts_topic)
     deadline = time.monotonic() + settings.broker_wait_s if settings.broker_wait_s else None
     delay = 0.5
     while True:
@@ -43,27 +50,56 @@ def wait_for_broker(settings: Settings) -> bool:
             delay = min(delay * 2, 5.0)
 
 
+def heads_of(model) -> dict[str, list[str]]:
+    return {h.name: h.labels for h in model.heads}
+
+
+def banner(settings: Settings, model, rules, health) -> None:
+    info = model.info
+    lines = [
+        f"emostream worker: {settings.input_topic} -> {settings.output_topic} "
+        f"(dead letters {settings.dlq_topic}{', alerts ' + settings.alerts_topic if rules else ''})",
+        f"  broker {settings.broker} ({settings.security_protocol}), group {settings.group_id}",
+        f"  model {info['name']} v{info['version']}: backbone {info['backbone']['name']} "
+        f"{info['backbone']['version']}, heads {', '.join(f'{k} {v}' for k, v in info['heads'].items())}",
+        f"  batches of {settings.batch_max} / {settings.batch_window_ms:g} ms, {settings.batch_max_tokens} tokens; "
+        f"cache {settings.cache_size or 'off'}; alert rules {', '.join(r.name for r in rules) or 'none'}",
+        f"  metrics/health {health.url if health else 'off'}",
+    ]
+    log.warning("\n".join(lines), extra={"settings": settings.redacted()})
+    log.info("settings in effect: %s", settings.redacted())
+
+
 def run_worker(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code."""
-    logging.basicConfig(level=settings.log_level.upper(), format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s")
+    configure_logging(settings.log_level, json=settings.log_format == "json")
+    metrics = Metrics()
+    health = None
+    if settings.metrics_port:
+        try:
+            health = HealthServer(metrics, settings.metrics_host, settings.metrics_port).start()
+        except OSError as exc:
+            log.error("cannot serve metrics/health on %s:%d (%s); choose another EMOSTREAM_METRICS_PORT "
+                      "(0 = off)", settings.metrics_host, settings.metrics_port, exc)
+            return 2
     model = load_model(settings)
-    if not wait_for_broker(settings):
-        return 2
+    rules = load_rules(settings.alert_rules, heads=heads_of(model)) if settings.alert_rules else []
+    metrics.set_model(model.info)
+    if health is not None:
+        health.set_model_loaded(True)
+    wrap = (lambda m: m)
     if settings.fault_fail_text:
         log.warning("fault injection on: inference fails for texts containing %r", settings.fault_fail_text)
-        model = FailOnMarker(model, settings.fault_fail_text)
-    enricher = Enricher(model, settings)
+        wrap = (lambda m: FailOnMarker(m, settings.fault_fail_text))
+    if not wait_for_broker(settings):
+        return 2
+    enricher = Enricher(wrap(model), settings, cache_size=settings.cache_size, rules=rules)
+    reloader = Reloader(model, settings.model, settings.reload_poll_s, wrap=wrap,
+                        rules_check=(lambda m: validate(rules, heads_of(m))) if rules else None)
     exit_request = ExitRequest()
-    app = create_app(settings, enricher, exit_request)
-    worker = faust.Worker(app, loglevel=settings.log_level.upper(), quiet=True)
-    info = model.info
-    log.warning(
-        "emostream worker: %s -> %s (dead letters: %s), group %s, broker %s, model %s "
-        "(backbone %s %s; heads %s), batches of %d / %.0f ms; settings %s",
-        settings.input_topic, settings.output_topic, settings.dlq_topic, settings.group_id, settings.broker,
-        info["name"], info["backbone"]["name"], info["backbone"]["version"], info["heads"],
-        settings.batch_max, settings.batch_window_ms, settings.redacted(),
-    )
+    app = create_app(settings, enricher, exit_request, metrics=metrics, health=health, reloader=reloader)
+    worker = faust.Worker(app, **faust_worker_kwargs(settings.log_level))
+    banner(settings, model, rules, health)
     code = 0
     try:
         worker.execute_from_commandline()
@@ -71,4 +107,6 @@ def run_worker(settings: Settings) -> int:
         code = int(exc.code or 0)
     finally:
         app.emostream_executor.shutdown(wait=False)  # type: ignore[attr-defined]
+        if health is not None:
+            health.stop()
     return exit_request.code or code

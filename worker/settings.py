@@ -126,6 +126,12 @@ class Settings(BaseModel):
         65_536, ge=0, description="Dead-letter records keep at most this many bytes of the original value.",
         json_schema_extra={"group": "records"},
     )
+    embedding_output: Literal["off", "float32", "float16"] = Field(
+        "off",
+        description="Add the sentence embedding to each output record: a float list (`float32`) or compact "
+        "base64 little-endian float16 (`float16`), for vector stores.",
+        json_schema_extra={"group": "records"},
+    )
     score_decimals: int = Field(6, ge=1, le=9, description="Decimals kept in output scores.",
                                 json_schema_extra={"group": "records"})
 
@@ -146,9 +152,44 @@ class Settings(BaseModel):
         json_schema_extra={"group": "model"},
     )
 
+    cache_size: int = Field(
+        0, ge=0,
+        description="Recent distinct texts whose results are kept (duplicate posts skip inference); 0 = off.",
+        json_schema_extra={"group": "model"},
+    )
+    reload_poll_s: float = Field(
+        5.0, ge=0,
+        description="How often the manifest, head and threshold files are checked for changes and reloaded "
+        "(0 = only on SIGHUP). Versions in output records change between batches, never inside one.",
+        json_schema_extra={"group": "model"},
+    )
+
+    # --- Moderation alerts -----------------------------------------------------------------------
+    alert_rules: str = Field(
+        "",
+        description="Alert rules, inline (`angry: anger >= 0.6; gross: labels has disgust`) or a .toml/.json "
+        "file; matching enriched records also go to the alerts topic.",
+        json_schema_extra={"group": "alerts"},
+    )
+    alerts_topic: str = Field("texts.alerts", description="Topic for records that matched an alert rule.",
+                              json_schema_extra={"group": "alerts"})
+
     # --- Operations --------------------------------------------------------------------------
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level.", json_schema_extra={"group": "operations"}
+    )
+    log_format: Literal["plain", "json"] = Field(
+        "plain", description="`json`: one JSON object per log line (with batch ids and counts).",
+        json_schema_extra={"group": "operations"},
+    )
+    metrics_port: int = Field(
+        9108, ge=0, le=65535,
+        description="Port of the HTTP server for /metrics (Prometheus), /healthz and /readyz; 0 = off.",
+        json_schema_extra={"group": "operations"},
+    )
+    metrics_host: str = Field(
+        "127.0.0.1", description="Address the metrics/health server binds (0.0.0.0 in containers).",
+        json_schema_extra={"group": "operations"},
     )
 
     # --- Testing aids (fault injection; off by default) --------------------------------------
@@ -205,6 +246,23 @@ def env_name(field: str) -> str:
 
 def flag_name(field: str) -> str:
     return "--" + field.replace("_", "-")
+
+
+README_BEGIN, README_END = "<!-- settings:begin -->", "<!-- settings:end -->"
+
+
+def update_readme(path) -> bool:
+    """Rewrite the settings table between the README markers; True when it changed."""
+    from pathlib import Path
+
+    path = Path(path)
+    text = path.read_text()
+    head, _, rest = text.partition(README_BEGIN)
+    _, _, tail = rest.partition(README_END)
+    new = f"{head}{README_BEGIN}\n{settings_markdown()}\n{README_END}{tail}"
+    if new != text:
+        path.write_text(new)
+    return new != text
 
 
 def settings_markdown() -> str:

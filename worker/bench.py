@@ -1,0 +1,928 @@
+"""``emostream bench``: throughput and latency from the raw model up to the worker behind a broker.
+
+Every stage runs on the same texts (GoEmotions dev by default) and returns a plain dict:
+
+1. :func:`bench_raw` — tokenization + the ONNX backbone session alone, length-sorted batches,
+   several batch sizes / padded-token budgets and intra-op thread counts; the best is the
+   model's own limit on this machine.
+2. :func:`bench_pipeline` — :class:`~emostream.worker.pipeline.Enricher` on raw JSON records in
+   arrival order, batches of ``batch_max`` (decode → validate → tokenize → embed → heads →
+   encode), no Kafka. :func:`bench_cache` runs it on a stream with ~20 % duplicates, result
+   cache off and on.
+3. :func:`bench_worker` — the embedded broker and real worker processes: warm-up, then N records
+   flat out (throughput), then open loop at half that rate (latency per record: the ``sent_at``
+   carried in the record → the moment the bench's consumer sees the output), with the worker's
+   peak RSS polled throughout.
+4. the same with the naive per-message agent (``emostream.worker.naive_agent``), and with two
+   single-threaded workers in one consumer group.
+
+:func:`run_bench` runs the stages, then writes ``bench.json``, ``bench.md`` and the plots
+(:mod:`.bench_report`). Targets are report lines, never assertions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import orjson
+
+from emostream.models.model import EmotionModel
+
+from .decode import RawMessage
+from .pipeline import Enricher
+from .settings import Settings, env_name
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = Path("../shared/data/go_emotions/dev.tsv")  # relative to the repository root
+ALL_STAGES = ("raw", "pipeline", "cache", "end_to_end", "naive", "scaling")
+IN_PROCESS_STAGES = ("raw", "pipeline", "cache")
+MULTI_THREADS = 2  # "intra-op threads 1 vs 2"
+
+
+class BenchError(RuntimeError):
+    """A benchmark that cannot run (missing data, a worker that died, outputs that never came)."""
+
+
+# --------------------------------------------------------------------------------------------
+# options and plan
+@dataclass
+class BenchOptions:
+    data: Path | None = None  # None: ../shared/data/go_emotions/dev.tsv from the repository root
+    out: Path = Path("bench-results")
+    quick: bool = False
+    n: int | None = None  # texts per stage (default 1500, quick 150)
+    model: str | None = None  # manifest name or path (default: the settings' model)
+    stages: Sequence[str] = ALL_STAGES
+    progress: bool = True
+    settings: Settings | None = None  # base settings (default: Settings.from_env())
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RawVariant:
+    threads: int
+    batch_size: int
+    max_tokens: int
+    order: str = "length-sorted"  # or "arrival"
+
+    @property
+    def label(self) -> str:
+        extra = "" if self.order == "length-sorted" else ", arrival order"
+        return f"{self.threads} thr, batch {self.batch_size}, ≤{self.max_tokens} tok{extra}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    n: int
+    raw_variants: tuple[RawVariant, ...]  # multi-threaded sweep; single-threaded runs follow at the best
+    single_thread_sizes: tuple[int, ...]  # batch sizes re-run with 1 thread (0 = the best one)
+    duplicate_fraction: float = 0.2
+    cache_size: int = 10_000
+    open_loop_s: float = 20.0
+    open_loop_min: int = 100
+    warmup: int = 64
+    scaling: bool = True
+    t_batch_repeats: int = 15
+    token_budgets: tuple[int, ...] = (2048, 1024, 512, 256)  # pipeline sweep, besides the configured one
+    fetch_wait_diagnostic_ms: int | None = 100  # an extra open-loop run with a patched consumer fetch wait
+
+
+def make_plan(quick: bool, n: int | None) -> Plan:
+    T = MULTI_THREADS
+    if quick:
+        return Plan(
+            n=n or 150,
+            raw_variants=(RawVariant(T, 1, 4096), RawVariant(T, 64, 4096)),
+            single_thread_sizes=(0,),
+            cache_size=2_000, open_loop_s=4.0, open_loop_min=40, warmup=16, scaling=False, t_batch_repeats=5,
+            token_budgets=(512,), fetch_wait_diagnostic_ms=None,
+        )
+    return Plan(
+        n=n or 1500,
+        raw_variants=(
+            RawVariant(T, 1, 4096), RawVariant(T, 8, 4096), RawVariant(T, 32, 4096), RawVariant(T, 64, 4096),
+            RawVariant(T, 256, 16384), RawVariant(T, 64, 512), RawVariant(T, 64, 4096, "arrival"),
+        ),
+        single_thread_sizes=(0, 1),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# data
+def default_data_path() -> Path:
+    for base in (ROOT, Path.cwd()):
+        path = (base / DEFAULT_DATA).resolve()
+        if path.is_file():
+            return path
+    return (ROOT / DEFAULT_DATA).resolve()
+
+
+def load_texts(path: Path, n: int | None = None) -> list[str]:
+    """Texts of a GoEmotions TSV (``text<TAB>label ids<TAB>id``; first column) or of a plain file
+    (one text per line). Blank lines are skipped; with ``n`` larger than the file, texts repeat."""
+    path = Path(path)
+    if not path.is_file():
+        raise BenchError(f"data file not found: {path} — pass --data FILE (a GoEmotions .tsv or one text per line)")
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    if path.suffix == ".tsv" or (lines and all(line.count("\t") == 2 for line in lines[:50])):
+        texts = [line.split("\t", 1)[0] for line in lines]
+    else:
+        texts = lines
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise BenchError(f"no texts in {path}")
+    if n is not None:
+        texts = (texts * (n // len(texts) + 1))[:n]
+    return texts
+
+
+def duplicate_stream(texts: Sequence[str], fraction: float, seed: int = 0, window: int = 500) -> list[str]:
+    """``len(texts)`` texts where about ``fraction`` repeat one of the last ``window`` ones (reposts)."""
+    rng = random.Random(seed)
+    out: list[str] = []
+    fresh = iter(texts)
+    while len(out) < len(texts):
+        if out and rng.random() < fraction:
+            out.append(out[-1 - rng.randrange(min(window, len(out)))])
+        else:
+            out.append(next(fresh))
+    return out
+
+
+def repeat_fraction(texts: Sequence[str]) -> float:
+    """Share of texts that already appeared earlier in the stream (what an unbounded cache could hit)."""
+    seen: set[str] = set()
+    repeats = 0
+    for t in texts:
+        repeats += t in seen
+        seen.add(t)
+    return repeats / len(texts) if texts else 0.0
+
+
+def record(i: int, text: str, run: str, sent_at: float = 0.0) -> tuple[bytes, bytes]:
+    rid = f"{run}-{i}"
+    return rid.encode(), orjson.dumps({"id": rid, "text": text, "run": run, "sent_at": sent_at})
+
+
+def raw_messages(texts: Sequence[str], run: str, partitions: int = 8) -> list[RawMessage]:
+    now = time.time()
+    msgs = []
+    for i, t in enumerate(texts):
+        key, value = record(i, t, run, now)
+        msgs.append(RawMessage(value, key, "bench", i % partitions, i // partitions, now))
+    return msgs
+
+
+def latency_summary(latencies_s: Sequence[float]) -> dict:
+    if not latencies_s:
+        return {"count": 0}
+    ms = np.asarray(latencies_s, dtype=np.float64) * 1000.0
+    p50, p95, p99 = np.percentile(ms, [50, 95, 99])
+    return {"count": int(ms.size), "p50_ms": round(float(p50), 2), "p95_ms": round(float(p95), 2),
+            "p99_ms": round(float(p99), 2), "mean_ms": round(float(ms.mean()), 2),
+            "min_ms": round(float(ms.min()), 2), "max_ms": round(float(ms.max()), 2)}
+
+
+# --------------------------------------------------------------------------------------------
+# progress
+class Progress:
+    """rich.progress bars, or nothing (tests)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._p = None
+
+    def __enter__(self) -> "Progress":
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import Progress as RichProgress
+
+            self._p = RichProgress(TextColumn("{task.description:<44}"), BarColumn(), MofNCompleteColumn(),
+                                   TimeElapsedColumn(), console=Console(stderr=True))
+            self._p.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._p is not None:
+            self._p.__exit__(*exc)
+            self._p = None
+
+    def task(self, description: str, total: float | None):
+        return self._p.add_task(description, total=total) if self._p is not None else None
+
+    def update(self, task, *, advance: float | None = None, completed: float | None = None,
+               total: float | None = None) -> None:
+        if self._p is not None and task is not None:
+            kw = {k: v for k, v in (("advance", advance), ("completed", completed), ("total", total)) if v is not None}
+            self._p.update(task, **kw)
+
+    def log(self, message: str) -> None:
+        if self._p is not None:
+            self._p.console.print(message)
+
+
+# --------------------------------------------------------------------------------------------
+# stage 1: the raw model
+def _raw_pass(model: EmotionModel, texts: Sequence[str], v: RawVariant, on_batch: Callable[[int], None]) -> dict:
+    """Tokenize everything, order by token length (or keep arrival order), run the backbone session
+    on batches of ≤ batch_size texts and ≤ max_tokens padded tokens."""
+    encoder = model.encoder
+    t0 = time.perf_counter()
+    ids = encoder.tokenize(texts)
+    lengths = [len(x) for x in ids]
+    order = sorted(range(len(ids)), key=lengths.__getitem__) if v.order == "length-sorted" else list(range(len(ids)))
+    calls = padded = 0
+    start = 0
+    while start < len(order):
+        width = lengths[order[start]]
+        end = start + 1
+        while end < len(order) and end - start < v.batch_size:
+            w = max(width, lengths[order[end]])
+            if w * (end - start + 1) > v.max_tokens:
+                break
+            width, end = w, end + 1
+        encoder._run([ids[i] for i in order[start:end]])
+        calls += 1
+        padded += width * (end - start)
+        on_batch(end - start)
+        start = end
+    seconds = time.perf_counter() - t0
+    return {"threads": v.threads, "batch_size": v.batch_size, "max_tokens": v.max_tokens, "order": v.order,
+            "label": v.label, "texts": len(texts), "seconds": round(seconds, 4),
+            "texts_per_s": round(len(texts) / seconds, 2), "calls": calls, "tokens": sum(lengths),
+            "padded_tokens": padded}
+
+
+def bench_raw(model_name: str, texts: Sequence[str], plan: Plan, progress: Progress) -> dict:
+    models: dict[int, EmotionModel] = {}
+
+    def model_for(threads: int) -> EmotionModel:
+        if threads not in models:
+            models[threads] = EmotionModel.load(model_name, threads=threads)
+            models[threads].encoder.embed(list(texts[:32]))  # warm-up: first runs allocate
+        return models[threads]
+
+    variants = list(plan.raw_variants)
+    total = len(variants) + len(plan.single_thread_sizes)
+    task = progress.task("1. raw model (tokenize + ONNX)", total * len(texts))
+    results = []
+    for v in variants:
+        results.append(_raw_pass(model_for(v.threads), texts, v, lambda k: progress.update(task, advance=k)))
+    best_multi = max(results, key=lambda r: r["texts_per_s"])
+    for size in plan.single_thread_sizes:
+        if size == 0:
+            v = RawVariant(1, best_multi["batch_size"], best_multi["max_tokens"])
+        else:
+            v = RawVariant(1, size, 4096)
+        results.append(_raw_pass(model_for(1), texts, v, lambda k: progress.update(task, advance=k)))
+    best = max(results, key=lambda r: r["texts_per_s"])
+    threads = {}
+    for t in sorted({r["threads"] for r in results}):
+        threads[str(t)] = max(r["texts_per_s"] for r in results if r["threads"] == t and r["order"] == "length-sorted")
+    return {"variants": results, "best": best, "best_by_threads": threads}
+
+
+# --------------------------------------------------------------------------------------------
+# stage 2: the in-process pipeline (and the cache lever)
+def load_model(settings: Settings) -> EmotionModel:
+    providers = [p.strip() for p in settings.providers.split(",") if p.strip()]
+    return EmotionModel.load(settings.model, threads=settings.inference_threads, providers=providers)
+
+
+def _pipeline_pass(model: EmotionModel, settings: Settings, msgs: Sequence[RawMessage], cache_size: int,
+                   on_batch: Callable[[int], None]) -> tuple[dict, Enricher]:
+    enricher = Enricher(model, settings, cache_size=cache_size)
+    size = settings.batch_max
+    inference = []
+    outputs = dead = tokens = padded = 0
+    t0 = time.perf_counter()
+    for start in range(0, len(msgs), size):
+        res = enricher(msgs[start:start + size])
+        outputs += len(res.outputs)
+        dead += len(res.dead_letters)
+        tokens += res.tokens
+        padded += res.padded_tokens
+        inference.append(res.inference_s)
+        on_batch(res.size)
+    seconds = time.perf_counter() - t0
+    return {"texts": len(msgs), "seconds": round(seconds, 4), "texts_per_s": round(len(msgs) / seconds, 2),
+            "batch_max": size, "batch_max_tokens": settings.batch_max_tokens, "batches": len(inference),
+            "batch_inference_ms": {"mean": round(1000 * statistics.fmean(inference), 2),
+                                   "p50": round(1000 * statistics.median(inference), 2),
+                                   "max": round(1000 * max(inference), 2)},
+            "outputs": outputs, "dead_letters": dead, "tokens": tokens, "padded_tokens": padded,
+            "cache": enricher.cache_stats()}, enricher
+
+
+def bench_pipeline(model: EmotionModel, settings: Settings, texts: Sequence[str], plan: Plan,
+                   progress: Progress) -> dict:
+    """The Enricher at the configured padded-token budget and at the plan's other budgets; the best
+    budget is what the broker stages then run with (``tuned_batch_max_tokens``)."""
+    msgs = raw_messages(texts, "pipe")
+    Enricher(model, settings)(msgs[: settings.batch_max])  # warm-up
+    budgets = [settings.batch_max_tokens] + [b for b in plan.token_budgets if b != settings.batch_max_tokens]
+    task = progress.task("2. pipeline (Enricher, no Kafka)", len(budgets) * len(msgs))
+    variants = []
+    for budget in budgets:
+        s = settings.model_copy(update={"batch_max_tokens": budget})
+        result, _ = _pipeline_pass(model, s, msgs, 0, lambda k: progress.update(task, advance=k))
+        variants.append(result)
+    best = max(variants, key=lambda r: r["texts_per_s"])
+    return {"texts_per_s": best["texts_per_s"], "configured": variants[0], "best": best, "variants": variants,
+            "tuned_batch_max_tokens": best["batch_max_tokens"], "inference_threads": settings.inference_threads}
+
+
+def bench_cache(model: EmotionModel, settings: Settings, texts: Sequence[str], plan: Plan, progress: Progress,
+                seed: int = 0) -> dict:
+    stream = duplicate_stream(texts, plan.duplicate_fraction, seed)
+    msgs = raw_messages(stream, "dup")
+    task = progress.task(f"2b. pipeline, ~{plan.duplicate_fraction:.0%} duplicates, cache off/on", 2 * len(msgs))
+    off, _ = _pipeline_pass(model, settings, msgs, 0, lambda k: progress.update(task, advance=k))
+    on, enricher = _pipeline_pass(model, settings, msgs, plan.cache_size, lambda k: progress.update(task, advance=k))
+    stats = enricher.cache_stats()
+    return {"texts": len(msgs), "duplicate_fraction_target": plan.duplicate_fraction,
+            "repeat_fraction": round(repeat_fraction(stream), 4), "cache_size": plan.cache_size,
+            "off": off, "on": on, "hit_rate": round(stats["hit_rate"], 4), "stats": stats,
+            "speedup": round(on["texts_per_s"] / off["texts_per_s"], 3)}
+
+
+def batch_inference_time(model: EmotionModel, settings: Settings, texts: Sequence[str], size: int,
+                         repeats: int) -> float:
+    """Median seconds the Enricher takes for one batch of ``size`` records (different texts each time)."""
+    msgs = raw_messages(texts, "tb")
+    size = max(1, min(size, len(msgs)))
+    enricher = Enricher(model, settings)
+    enricher(msgs[:size])
+    times = []
+    for r in range(repeats):
+        start = (r * size) % max(1, len(msgs) - size + 1)
+        t0 = time.perf_counter()
+        enricher(msgs[start:start + size])
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# --------------------------------------------------------------------------------------------
+# stages 3 and 4: through the broker
+WORKER_CMD = [sys.executable, "-m", "emostream.worker.cli", "worker"]
+NAIVE_CMD = [sys.executable, "-m", "emostream.worker.naive_agent"]
+
+
+def worker_env(settings: Settings, **extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMOSTREAM_")}
+    for name, value in settings.model_dump().items():
+        env[env_name(name)] = str(value).lower() if isinstance(value, bool) else str(value)
+    for name, value in extra.items():
+        env[env_name(name)] = str(value)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _env_for_one(settings: Settings) -> dict[str, str]:
+    """Each process its own free port for whatever port settings exist (metrics/health server)."""
+    from .broker import free_port
+
+    ports = {name: free_port() for name in type(settings).model_fields
+             if name.endswith("_port") and getattr(settings, name)}
+    return worker_env(settings.model_copy(update=ports))
+
+
+def patched_worker_cmd(fetch_wait_ms: int | None = None, spinning: bool = True) -> list[str]:
+    cmd = [sys.executable, "-m", "emostream.worker.bench", "patched-worker"]
+    if fetch_wait_ms is not None:
+        cmd += ["--fetch-wait-ms", str(fetch_wait_ms)]
+    if not spinning:
+        cmd.append("--no-spin")
+    return cmd
+
+
+def _run_patched_worker(argv: Sequence[str]) -> None:
+    """``emostream worker`` with diagnostic patches, to show what a lever would be worth before
+    anyone changes the worker for it:
+
+    ``--fetch-wait-ms MS``: every aiokafka consumer's ``fetch_max_wait_ms`` (faust fixes it at
+    1500 ms). Real Kafka answers a waiting fetch as soon as data arrives, so the value costs
+    nothing there; the embedded Tansu broker holds the fetch instead, adding up to that wait to
+    a record's latency.
+
+    ``--no-spin``: ONNX Runtime's intra-op threads do not spin-wait between runs
+    (``session.intra_op.allow_spinning=0``), leaving the cores to the event loop and the broker.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m emostream.worker.bench patched-worker")
+    parser.add_argument("--fetch-wait-ms", type=int)
+    parser.add_argument("--no-spin", action="store_true")
+    args = parser.parse_args(argv)
+    if args.fetch_wait_ms is not None:
+        import aiokafka
+
+        base = aiokafka.AIOKafkaConsumer
+        ms = args.fetch_wait_ms
+
+        class ShortFetchWaitConsumer(base):  # type: ignore[misc, valid-type]
+            def __init__(self, *a, **kw):
+                kw["fetch_max_wait_ms"] = ms
+                super().__init__(*a, **kw)
+
+        aiokafka.AIOKafkaConsumer = ShortFetchWaitConsumer
+    if args.no_spin:
+        import onnxruntime as ort
+
+        base_opts = ort.SessionOptions
+
+        def no_spin_options():
+            opts = base_opts()
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            return opts
+
+        ort.SessionOptions = no_spin_options
+    from .cli import main
+
+    sys.argv = [sys.argv[0], "worker"]
+    main()
+
+
+class RssMonitor(threading.Thread):
+    """Polls the resident set size of some processes; keeps each one's peak."""
+
+    def __init__(self, pids: Sequence[int], interval: float = 0.1):
+        super().__init__(daemon=True, name="bench-rss")
+        import psutil
+
+        self._procs = {pid: psutil.Process(pid) for pid in pids}
+        self.peak = {pid: 0 for pid in pids}
+        self.interval = interval
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            self.sample()
+            if self._stop_event.wait(self.interval):
+                return
+
+    def sample(self) -> None:
+        for pid, proc in self._procs.items():
+            try:
+                self.peak[pid] = max(self.peak[pid], proc.memory_info().rss)
+            except Exception:  # noqa: BLE001 - the process has gone
+                pass
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(2)
+        self.sample()
+
+    def cpu_seconds(self) -> dict[int, float]:
+        out = {}
+        for pid, proc in self._procs.items():
+            try:
+                t = proc.cpu_times()
+                out[pid] = t.user + t.system
+            except Exception:  # noqa: BLE001
+                out[pid] = 0.0
+        return out
+
+
+@dataclass
+class Procs:
+    procs: list[subprocess.Popen]
+    logs: list[Path]
+    workdir: str
+
+    def check(self) -> None:
+        for p, log in zip(self.procs, self.logs):
+            if p.poll() is not None:
+                tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                raise BenchError(f"worker process {p.pid} exited with code {p.returncode}; log {log}:\n{tail}")
+
+    def stop(self) -> list[int | None]:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        codes = []
+        for p in self.procs:
+            try:
+                codes.append(p.wait(30))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                codes.append(p.wait())
+        return codes
+
+
+class CpuMeter:
+    """CPU time of the workers, the broker and this process over a phase, as cores busy on average."""
+
+    def __init__(self, procs: "Procs", broker_pid: int | None):
+        import psutil
+
+        self._groups = {"workers": [psutil.Process(p.pid) for p in procs.procs], "bench_client": [psutil.Process()]}
+        if broker_pid:
+            self._groups["broker"] = [psutil.Process(broker_pid)]
+        self._t0 = time.monotonic()
+        self._c0 = self._sample()
+
+    def _sample(self) -> dict[str, float]:
+        out = {}
+        for name, group in self._groups.items():
+            total = 0.0
+            for proc in group:
+                try:
+                    t = proc.cpu_times()
+                    total += t.user + t.system
+                except Exception:  # noqa: BLE001 - gone
+                    pass
+            out[name] = total
+        return out
+
+    def cores(self) -> dict[str, float]:
+        wall = time.monotonic() - self._t0
+        now = self._sample()
+        return {name: round((now[name] - self._c0[name]) / wall, 2) for name in now} | {"wall_s": round(wall, 2)}
+
+
+@contextmanager
+def spawn(cmd: list[str], envs: list[dict[str, str]], log_dir: Path, name: str) -> Iterator[Procs]:
+    """Start one process per env (cwd: a temp dir, so faust's data dirs stay out of the repo)."""
+    workdir = tempfile.mkdtemp(prefix="emostream-bench-")
+    procs, logs = [], []
+    try:
+        for i, env in enumerate(envs):
+            log = log_dir / f"{name}-{i}.log"
+            with open(log, "wb") as fh:
+                procs.append(subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=workdir))
+            logs.append(log)
+        yield Procs(procs, logs, workdir)
+    finally:
+        Procs(procs, logs, workdir).stop()
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+class Collector:
+    """One consumer on the output and dead-letter topics, from the beginning; for each run tag,
+    the first time each output id is seen, with its ``sent_at`` and ``processed_at``."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.seen: dict[str, dict[str, tuple[float, float, str | None]]] = defaultdict(dict)
+        self.dead_letters = 0
+        self.duplicates = 0
+        self._consumer = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        from aiokafka import AIOKafkaConsumer
+
+        from .kafka_io import client_kwargs
+
+        s = self.settings
+        self._consumer = AIOKafkaConsumer(s.output_topic, s.dlq_topic, group_id=None, auto_offset_reset="earliest",
+                                          enable_auto_commit=False, fetch_max_wait_ms=100, **client_kwargs(s))
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        dlq = self.settings.dlq_topic
+        while True:
+            batch = await self._consumer.getmany(timeout_ms=100, max_records=5000)
+            now = time.time()
+            for records in batch.values():
+                for rec in records:
+                    if rec.topic == dlq:
+                        self.dead_letters += 1
+                        continue
+                    obj = orjson.loads(rec.value)
+                    seen = self.seen[obj.get("run")]
+                    if obj["id"] in seen:
+                        self.duplicates += 1
+                    else:
+                        seen[obj["id"]] = (now, obj.get("sent_at", now), obj.get("processed_at"))
+
+    async def wait_for(self, run: str, n: int, timeout: float, procs: Procs, progress: Progress, task) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.seen[run]) < n:
+            procs.check()
+            if self._task is not None and self._task.done():
+                self._task.result()
+            if time.monotonic() > deadline:
+                raise BenchError(f"only {len(self.seen[run])} of {n} outputs of run {run!r} within {timeout:.0f} s "
+                                 f"({self.dead_letters} dead letters); logs: {', '.join(map(str, procs.logs))}")
+            progress.update(task, completed=len(self.seen[run]))
+            await asyncio.sleep(0.05)
+        progress.update(task, completed=n)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+
+async def _send_flat(producer, topic: str, texts: Sequence[str], run: str) -> float:
+    """Send every record as fast as the producer takes them; ``sent_at`` is stamped at send."""
+    first = time.time()
+    pending = []
+    for i, text in enumerate(texts):
+        key, value = record(i, text, run, time.time())
+        pending.append(await producer.send(topic, value=value, key=key))
+        if len(pending) >= 1000:
+            await asyncio.gather(*pending)
+            pending.clear()
+    await asyncio.gather(*pending)
+    return first
+
+
+async def _send_open_loop(producer, topic: str, texts: Sequence[str], run: str, rate: float) -> float:
+    """Send at a fixed rate whatever happens downstream; ``sent_at`` is the scheduled time (so a
+    lagging producer cannot hide latency)."""
+    start = time.time() + 0.1
+    pending = []
+    for i, text in enumerate(texts):
+        target = start + i / rate
+        delay = target - time.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        key, value = record(i, text, run, target)
+        pending.append(await producer.send(topic, value=value, key=key))
+    await asyncio.gather(*pending)
+    return start
+
+
+def _phase_result(collector: Collector, run: str, first_sent: float) -> dict:
+    seen = collector.seen[run]
+    last_seen = max(t for t, _, _ in seen.values())
+    latencies = [t - sent for t, sent, _ in seen.values()]
+    batches = defaultdict(int)
+    for _, _, processed_at in seen.values():
+        batches[processed_at] += 1
+    sizes = sorted(batches.values())
+    seconds = last_seen - first_sent
+    # Steady state: outputs seen after the first 10 % came out, over the time since then. Leaves out
+    # the start (the first fetch, the first batch's wait), which would otherwise weigh on small runs.
+    times = sorted(t for t, _, _ in seen.values())
+    t_k = times[len(times) // 10]
+    after = sum(1 for t in times if t > t_k)
+    steady = after / (last_seen - t_k) if after >= 0.5 * len(times) and last_seen > t_k else len(seen) / seconds
+    return {
+        "records": len(seen), "seconds": round(seconds, 3), "texts_per_s": round(steady, 2),
+        "texts_per_s_from_first_send": round(len(seen) / seconds, 2),
+        "latency": latency_summary(latencies),
+        "latencies_ms": [round(x * 1000, 2) for x in latencies],
+        "batches": {"count": len(sizes), "mean_size": round(statistics.fmean(sizes), 2),
+                    "p50_size": statistics.median(sizes), "max_size": sizes[-1]},
+    }
+
+
+async def _worker_case(broker_url: str, base: Settings, texts: Sequence[str], plan: Plan, progress: Progress,
+                       out_dir: Path, *, name: str, cmd: list[str], workers: int = 1,
+                       threads: int | None = None, flat: bool = True, open_loop: bool = False,
+                       open_loop_rate: float | None = None, broker_pid: int | None = None) -> dict:
+    """Start ``workers`` processes of ``cmd`` on fresh topics, warm up, then run flat out (throughput)
+    and/or open loop at half the flat-out rate or at ``open_loop_rate`` (latency)."""
+    from aiokafka import AIOKafkaProducer
+
+    from .kafka_io import client_kwargs, ensure_topics
+
+    tag = uuid.uuid4().hex[:8]
+    update = {"broker": broker_url, "input_topic": f"bench-in-{tag}", "output_topic": f"bench-out-{tag}",
+              "dlq_topic": f"bench-dlq-{tag}", "group_id": f"bench-{name}-{tag}"}
+    if threads is not None:
+        update["inference_threads"] = threads
+    s = base.model_copy(update=update)
+    await ensure_topics(s, [s.input_topic, s.output_topic, s.dlq_topic])
+    collector = Collector(s)
+    await collector.start()
+    producer = AIOKafkaProducer(acks="all", linger_ms=0, **client_kwargs(s))
+    await producer.start()
+    result: dict = {"workers": workers, "inference_threads": s.inference_threads, "command": " ".join(cmd[1:]),
+                    "partitions": s.partitions, "batch_max": s.batch_max, "batch_window_ms": s.batch_window_ms}
+    try:
+        with spawn(cmd, [_env_for_one(s) for _ in range(workers)], out_dir, f"{name}-worker") as procs:
+            rss = RssMonitor([p.pid for p in procs.procs])
+            rss.start()
+            try:
+                t_spawn = time.time()
+                warm = texts[: plan.warmup]
+                task = progress.task(f"   {name}: start + warm-up", len(warm))
+                await _send_flat(producer, s.input_topic, warm, "warm")
+                await collector.wait_for("warm", len(warm), 240, procs, progress, task)
+                result["ready_s"] = round(time.time() - t_spawn, 2)
+                if workers > 1:
+                    result["all_workers_busy"] = await _settle(collector, producer, s, texts, plan, procs, rss,
+                                                               progress, name)
+                if flat:
+                    task = progress.task(f"   {name}: {len(texts)} records flat out", len(texts))
+                    cpu = CpuMeter(procs, broker_pid)
+                    first = await _send_flat(producer, s.input_topic, texts, "flat")
+                    await collector.wait_for("flat", len(texts), max(120.0, len(texts) / 5), procs, progress, task)
+                    result["flat_out"] = _phase_result(collector, "flat", first)
+                    result["flat_out"]["cpu_cores_used"] = cpu.cores()
+                if open_loop:
+                    rate = open_loop_rate or 0.5 * result["flat_out"]["texts_per_s"]
+                    m = max(plan.open_loop_min, min(len(texts), int(rate * plan.open_loop_s)))
+                    ol_texts = (list(texts) * (m // len(texts) + 1))[:m]
+                    task = progress.task(f"   {name}: open loop at {rate:.0f}/s", m)
+                    first = await _send_open_loop(producer, s.input_topic, ol_texts, "open", rate)
+                    await collector.wait_for("open", m, max(120.0, 4 * m / rate), procs, progress, task)
+                    result["open_loop"] = {"rate_per_s": round(rate, 2), **_phase_result(collector, "open", first)}
+            finally:
+                rss.stop()
+                codes = procs.stop()
+            peaks = [rss.peak[p.pid] for p in procs.procs]
+            result["peak_rss_mb"] = [round(b / 2**20, 1) for b in peaks]
+            result["max_peak_rss_mb"] = round(max(peaks) / 2**20, 1)
+            result["exit_codes"] = codes
+            result["dead_letters"] = collector.dead_letters
+            result["duplicate_outputs"] = collector.duplicates
+    finally:
+        await producer.stop()
+        await collector.stop()
+    return result
+
+
+async def _settle(collector: Collector, producer, s: Settings, texts, plan: Plan, procs: Procs, rss: RssMonitor,
+                  progress: Progress, name: str, rounds: int = 6) -> bool:
+    """With several workers: send probe rounds until every worker did inference work (the group
+    has rebalanced and each owns partitions)."""
+    size = min(len(texts), 2 * s.batch_max * len(procs.procs))
+    for r in range(rounds):
+        before = rss.cpu_seconds()
+        task = progress.task(f"   {name}: rebalance probe {r + 1}", size)
+        await _send_flat(producer, s.input_topic, texts[:size], f"probe{r}")
+        await collector.wait_for(f"probe{r}", size, 120, procs, progress, task)
+        after = rss.cpu_seconds()
+        busy = [after[p] - before[p] for p in before]
+        if min(busy) > 0.15 * max(busy) and min(busy) > 0.05:
+            return True
+        await asyncio.sleep(1.0)
+    return False
+
+
+def bench_worker(broker, settings: Settings, texts: Sequence[str], plan: Plan, progress: Progress,
+                 out_dir: Path, **kw) -> dict:
+    """One worker case against a running :class:`~emostream.worker.broker.EmbeddedBroker`."""
+    pid = broker.proc.pid if getattr(broker, "proc", None) is not None else None
+    return asyncio.run(_worker_case(broker.url, settings, texts, plan, progress, out_dir, broker_pid=pid, **kw))
+
+
+# --------------------------------------------------------------------------------------------
+# the whole run
+def run_bench(options: BenchOptions) -> dict:
+    """Run the stages asked for; write bench.json, bench.md and plots into ``options.out``."""
+    from . import bench_report
+
+    unknown = set(options.stages) - set(ALL_STAGES)
+    if unknown:
+        raise BenchError(f"unknown stages {sorted(unknown)}; known: {', '.join(ALL_STAGES)}")
+    settings = options.settings or Settings.from_env()
+    if options.model:
+        settings = settings.model_copy(update={"model": options.model})
+    plan = make_plan(options.quick, options.n)
+    data = Path(options.data) if options.data else default_data_path()
+    texts = load_texts(data, plan.n)
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    results: dict = {"meta": _meta(settings, data, texts, plan, options)}
+    skipped = {name: {"skipped": "not requested"} for name in ALL_STAGES}
+    results.update(skipped)
+    stages = set(options.stages)
+    model: EmotionModel | None = None
+
+    def get_model() -> EmotionModel:
+        nonlocal model
+        if model is None:
+            model = load_model(settings)
+        return model
+
+    with Progress(options.progress) as progress:
+        if "raw" in stages:
+            results["raw"] = bench_raw(settings.model, texts, plan, progress)
+        if "pipeline" in stages:
+            results["pipeline"] = bench_pipeline(get_model(), settings, texts, plan, progress)
+            # Lever kept: the broker stages run with the best padded-token budget, unless it was set.
+            if env_name("batch_max_tokens") not in os.environ:
+                settings = settings.model_copy(update={"batch_max_tokens": results["pipeline"]["tuned_batch_max_tokens"]})
+        results["meta"]["worker_settings"] = {"batch_max_tokens": settings.batch_max_tokens,
+                                              "session_timeout_s": min(settings.session_timeout_s, 10.0)}
+        if "cache" in stages:
+            results["cache"] = bench_cache(get_model(), settings, texts, plan, progress, options.seed)
+        # A shorter session timeout only makes the group join faster on the embedded broker.
+        wsettings = settings.model_copy(update={"session_timeout_s": min(settings.session_timeout_s, 10.0)})
+        if stages & {"end_to_end", "naive", "scaling"}:
+            from .broker import EmbeddedBroker
+
+            with EmbeddedBroker(log_path=out / "tansu.log") as broker:
+                if "end_to_end" in stages:
+                    results["end_to_end"] = _end_to_end(broker, wsettings, texts, plan, progress, out, get_model)
+                if "naive" in stages:
+                    results["naive"] = bench_worker(broker, wsettings, texts, plan, progress, out,
+                                                    name="naive", cmd=NAIVE_CMD)
+                if "scaling" in stages:
+                    results["scaling"] = _scaling(broker, wsettings, texts, plan, progress, out, results)
+    results["meta"]["duration_s"] = round(time.time() - started, 1)
+    results["targets"] = bench_report.evaluate_targets(results)
+    bench_report.write_all(results, out)
+    return results
+
+
+def _end_to_end(broker, settings: Settings, texts, plan: Plan, progress: Progress, out: Path,
+                get_model: Callable[[], EmotionModel]) -> dict:
+    e2e = bench_worker(broker, settings, texts, plan, progress, out, name="e2e", cmd=WORKER_CMD, open_loop=True)
+    ol = e2e["open_loop"]
+    size = max(1, round(ol["batches"]["mean_size"]))
+    t_batch = batch_inference_time(get_model(), settings, texts, size, plan.t_batch_repeats)
+    window = settings.batch_window_ms
+    e2e["latency_budget"] = {
+        "batch_size_at_half_rate": size, "batch_inference_ms": round(1000 * t_batch, 2),
+        "batch_window_ms": window, "p99_bound_ms": round(window + 2000 * t_batch, 2),
+    }
+    if plan.fetch_wait_diagnostic_ms:
+        # Diagnostic: the same worker with its consumer's fetch wait cut from faust's fixed 1500 ms.
+        ms = plan.fetch_wait_diagnostic_ms
+        diag = bench_worker(broker, settings, texts, plan, progress, out, name=f"e2e-fetch-wait-{ms}ms",
+                            cmd=patched_worker_cmd(ms), flat=False, open_loop=True,
+                            open_loop_rate=ol["rate_per_s"])
+        e2e["open_loop_fetch_wait_diagnostic"] = {"fetch_max_wait_ms": ms, **diag["open_loop"],
+                                                  "max_peak_rss_mb": diag["max_peak_rss_mb"]}
+    return e2e
+
+
+def _scaling(broker, settings: Settings, texts, plan: Plan, progress: Progress, out: Path,
+             results: dict) -> dict:
+    if not plan.scaling:
+        return {"skipped": "--quick"}
+    cores = os.cpu_count() or 1
+    e2e = results.get("end_to_end", {})
+    same = e2e.get("flat_out") and (settings.inference_threads == MULTI_THREADS
+                                     or (settings.inference_threads == 0 and cores == MULTI_THREADS))
+    if same:
+        one = dict(e2e, reused="the end-to-end flat-out run (same configuration)")
+    else:
+        one = bench_worker(broker, settings, texts, plan, progress, out, name="one-worker-2-threads",
+                           cmd=WORKER_CMD, threads=MULTI_THREADS)
+    two = bench_worker(broker, settings, texts, plan, progress, out, name="two-workers-1-thread",
+                       cmd=WORKER_CMD, workers=2, threads=1)
+    keep = ("workers", "inference_threads", "flat_out", "peak_rss_mb", "max_peak_rss_mb", "ready_s", "reused",
+            "all_workers_busy")
+    one = {k: v for k, v in one.items() if k in keep}
+    two = {k: v for k, v in two.items() if k in keep}
+    for case in (one, two):
+        case["flat_out"] = {k: v for k, v in case["flat_out"].items() if k != "latencies_ms"}
+    return {"one_worker_two_threads": one, "two_workers_one_thread": two,
+            "ratio": round(two["flat_out"]["texts_per_s"] / one["flat_out"]["texts_per_s"], 3)}
+
+
+def _meta(settings: Settings, data: Path, texts: Sequence[str], plan: Plan, options: BenchOptions) -> dict:
+    import onnxruntime
+
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+                 "cpu_count": os.cpu_count(), "python": platform.python_version(),
+                 "onnxruntime": onnxruntime.__version__, "load_average_at_start": load},
+        "data": str(data), "texts": len(texts), "distinct_texts": len(set(texts)), "quick": options.quick,
+        "stages": [s for s in ALL_STAGES if s in set(options.stages)],
+        "model": settings.model,
+        "settings": {k: getattr(settings, k) for k in ("batch_max", "batch_window_ms", "batch_max_tokens",
+                                                        "inference_threads", "partitions", "providers")},
+        "plan": {"raw_variants": [v.label for v in plan.raw_variants], "open_loop_s": plan.open_loop_s,
+                 "cache_size": plan.cache_size, "duplicate_fraction": plan.duplicate_fraction,
+                 "warmup": plan.warmup},
+    }
+
+
+if __name__ == "__main__":  # python -m emostream.worker.bench patched-worker [...] (used by the bench itself)
+    if len(sys.argv) >= 2 and sys.argv[1] == "patched-worker":
+        _run_patched_worker(sys.argv[2:])
+    else:
+        sys.exit("usage: python -m emostream.worker.bench patched-worker [--fetch-wait-ms MS] [--no-spin]\n"
+                 "(the benchmark itself is `emostream bench`)")

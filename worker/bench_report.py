@@ -1,0 +1,309 @@
+"""What ``emostream bench`` writes: ``bench.json``, ``bench.md`` (with the targets) and PNG plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+
+RSS_LIMIT_MB = 500.0
+RAW_SHARE = 0.9
+NAIVE_FACTOR = 2.0
+
+
+def _get(d: dict, *path, default=None):
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return default
+        d = d[key]
+    return d
+
+
+def evaluate_targets(results: dict) -> list[dict]:
+    """The issue's four targets: each with what was measured and whether it was met (None: not measured)."""
+    e2e = _get(results, "end_to_end", "flat_out", "texts_per_s")
+    raw = _get(results, "raw", "best", "texts_per_s")
+    naive = _get(results, "naive", "flat_out", "texts_per_s")
+    p99 = _get(results, "end_to_end", "open_loop", "latency", "p99_ms")
+    budget = _get(results, "end_to_end", "latency_budget") or {}
+    rss = _get(results, "end_to_end", "max_peak_rss_mb")
+    targets = []
+
+    def add(tid: str, target: str, measured: str | None, met: bool | None) -> None:
+        targets.append({"id": tid, "target": target, "measured": measured or "not measured", "met": met})
+
+    if e2e is not None and raw:
+        add("throughput_vs_raw", f"end-to-end throughput ≥ {RAW_SHARE:.0%} of the raw model's best",
+            f"{e2e:.1f} vs {raw:.1f} texts/s = {e2e / raw:.0%}", e2e >= RAW_SHARE * raw)
+    else:
+        add("throughput_vs_raw", f"end-to-end throughput ≥ {RAW_SHARE:.0%} of the raw model's best", None, None)
+    if e2e is not None and naive:
+        add("throughput_vs_naive", f"end-to-end throughput ≥ {NAIVE_FACTOR:g}× the per-message agent",
+            f"{e2e:.1f} vs {naive:.1f} texts/s = {e2e / naive:.2f}×", e2e >= NAIVE_FACTOR * naive)
+    else:
+        add("throughput_vs_naive", f"end-to-end throughput ≥ {NAIVE_FACTOR:g}× the per-message agent", None, None)
+    target = "p99 latency at half capacity ≤ batch window + 2 × one batch's inference time"
+    if p99 is not None and budget:
+        add("p99_latency", target,
+            f"p99 {p99:.0f} ms vs bound {budget['batch_window_ms']:.0f} + 2 × {budget['batch_inference_ms']:.0f} "
+            f"= {budget['p99_bound_ms']:.0f} ms (batches of ~{budget['batch_size_at_half_rate']} at that rate)",
+            p99 <= budget["p99_bound_ms"])
+    else:
+        add("p99_latency", target, None, None)
+    if rss is not None:
+        add("worker_rss", f"worker peak RSS ≤ {RSS_LIMIT_MB:.0f} MB", f"{rss:.0f} MB", rss <= RSS_LIMIT_MB)
+    else:
+        add("worker_rss", f"worker peak RSS ≤ {RSS_LIMIT_MB:.0f} MB", None, None)
+    return targets
+
+
+# --------------------------------------------------------------------------------------------
+def write_all(results: dict, out: Path) -> dict[str, Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "bench.json", "markdown": out / "bench.md"}
+    paths["json"].write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY
+                                           | orjson.OPT_NON_STR_KEYS))
+    paths.update(write_plots(results, out))
+    paths["markdown"].write_text(markdown(results, {k: v.name for k, v in paths.items() if k.endswith("_plot")}))
+    return paths
+
+
+def _yes(met) -> str:
+    return "—" if met is None else ("**yes**" if met else "**no**")
+
+
+def _skip_line(section: dict) -> str | None:
+    return f"_skipped: {section['skipped']}_" if isinstance(section, dict) and "skipped" in section else None
+
+
+def _lat(l: dict) -> str:
+    if not l or not l.get("count"):
+        return "—"
+    return f"{l['p50_ms']:.0f} / {l['p95_ms']:.0f} / {l['p99_ms']:.0f} ms"
+
+
+def markdown(results: dict, plots: dict[str, str] | None = None) -> str:
+    meta = results["meta"]
+    host = meta["host"]
+    s = meta["settings"]
+    lines = [
+        "# emostream bench",
+        "",
+        f"{meta['started_at']} · {host['cpu_count']} CPUs ({host['processor']}) · Python {host['python']} · "
+        f"onnxruntime {host['onnxruntime']} · load average at start {host.get('load_average_at_start')}",
+        f"model `{meta['model']}` · {meta['texts']} texts ({meta['distinct_texts']} distinct) from `{meta['data']}` · "
+        f"{'quick' if meta['quick'] else 'full'} run, {meta.get('duration_s', 0):.0f} s · settings: batch_max "
+        f"{s['batch_max']}, window {s['batch_window_ms']:g} ms, token budget {s['batch_max_tokens']}, "
+        f"inference threads {s['inference_threads']} (0 = ORT default), {s['partitions']} partitions",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | met |",
+        "| --- | --- | --- |",
+    ]
+    for t in results.get("targets", []):
+        lines.append(f"| {t['target']} | {t['measured']} | {_yes(t['met'])} |")
+    lines += ["", "Targets are report lines, not test assertions; numbers from one run on a shared machine vary "
+              "by ±20 % run to run.", ""]
+
+    # 1. raw
+    lines += ["## 1. Raw model (tokenization + ONNX backbone session)", ""]
+    raw = results.get("raw", {})
+    if (skip := _skip_line(raw)):
+        lines += [skip, ""]
+    else:
+        lines += ["| intra-op threads | batch size | token budget | order | texts/s | calls | padded / real tokens |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        best = raw["best"]
+        for v in raw["variants"]:
+            mark = " **(best)**" if v is best or v == best else ""
+            lines.append(f"| {v['threads']} | {v['batch_size']} | {v['max_tokens']} | {v['order']} | "
+                         f"{v['texts_per_s']:.1f}{mark} | {v['calls']} | {v['padded_tokens'] / max(1, v['tokens']):.2f} |")
+        by_t = ", ".join(f"{t} thread{'s' if t != '1' else ''}: {x:.1f}" for t, x in raw["best_by_threads"].items())
+        lines += ["", f"Best: **{best['texts_per_s']:.1f} texts/s** ({best['label']}). Best by intra-op threads "
+                  f"(texts/s): {by_t}.", ""]
+
+    # 2. pipeline + cache
+    lines += ["## 2. In-process pipeline (Enricher, no Kafka)", ""]
+    pipe = results.get("pipeline", {})
+    if (skip := _skip_line(pipe)):
+        lines += [skip, ""]
+    else:
+        conf = pipe["configured"]
+        lines += [f"{conf['texts']} JSON records in arrival order, batches of ≤ {conf['batch_max']} "
+                  f"(intra-op threads {pipe['inference_threads']}, 0 = ORT default). The Enricher sorts a batch by "
+                  "token length and splits it into sub-batches within the padded-token budget:", "",
+                  "| padded-token budget | texts/s | batch inference mean / max | padded / real tokens |",
+                  "| --- | --- | --- | --- |"]
+        for v in pipe["variants"]:
+            tags = []
+            if v is conf or v == conf:
+                tags.append("configured")
+            if v["batch_max_tokens"] == pipe["tuned_batch_max_tokens"]:
+                tags.append("best")
+            tag = f" ({', '.join(tags)})" if tags else ""
+            bi = v["batch_inference_ms"]
+            lines.append(f"| {v['batch_max_tokens']}{tag} | {v['texts_per_s']:.1f} | {bi['mean']:.0f} / {bi['max']:.0f} ms "
+                         f"| {v['padded_tokens'] / max(1, v['tokens']):.2f} |")
+        ws = results["meta"].get("worker_settings", {})
+        lines += ["", f"Pipeline: **{pipe['texts_per_s']:.1f} texts/s** at budget {pipe['tuned_batch_max_tokens']}. "
+                  f"The cache and broker stages run with `EMOSTREAM_BATCH_MAX_TOKENS={ws.get('batch_max_tokens')}`"
+                  + (" (the best budget above)." if ws.get("batch_max_tokens") == pipe["tuned_batch_max_tokens"]
+                     else " (set explicitly)."), ""]
+    cache = results.get("cache", {})
+    lines += ["### Lever: result cache of recent texts", ""]
+    if (skip := _skip_line(cache)):
+        lines += [skip, ""]
+    else:
+        lines += [
+            f"Stream of {cache['texts']} records, {cache['repeat_fraction']:.0%} of them repeats of a recent text "
+            f"(target ~{cache['duplicate_fraction_target']:.0%}); LRU of {cache['cache_size']} entries "
+            f"keyed by BLAKE2b of the text.", "",
+            "| cache | texts/s | hit rate | tokens computed |",
+            "| --- | --- | --- | --- |",
+            f"| off | {cache['off']['texts_per_s']:.1f} | — | {cache['off']['tokens']} |",
+            f"| on | {cache['on']['texts_per_s']:.1f} | {cache['hit_rate']:.1%} | {cache['on']['tokens']} |",
+            "", f"Speed-up with the cache: **{cache['speedup']:.2f}×**.", ""]
+
+    # 3. end to end
+    lines += ["## 3. End to end (embedded broker + `emostream worker` process)", ""]
+    e2e = results.get("end_to_end", {})
+    if (skip := _skip_line(e2e)):
+        lines += [skip, ""]
+    else:
+        fo, ol, lb = e2e["flat_out"], e2e["open_loop"], e2e["latency_budget"]
+        lines += [
+            "| run | records | texts/s | latency p50 / p95 / p99 | batches (mean size) |",
+            "| --- | --- | --- | --- | --- |",
+            f"| flat out | {fo['records']} | **{fo['texts_per_s']:.1f}** | {_lat(fo['latency'])} | "
+            f"{fo['batches']['count']} ({fo['batches']['mean_size']:.1f}) |",
+            f"| open loop at {ol['rate_per_s']:.1f}/s (half capacity) | {ol['records']} | {ol['texts_per_s']:.1f} | "
+            f"**{_lat(ol['latency'])}** | {ol['batches']['count']} ({ol['batches']['mean_size']:.1f}) |",
+            "",
+            f"texts/s is the steady state (outputs after the first 10 %, over the time since; from the first send: "
+            f"{fo['texts_per_s_from_first_send']:.1f}). "
+            f"Latency = the output seen by a consumer − `sent_at` in the input (open loop: the scheduled send "
+            f"time). Latency bound at half rate: window {lb['batch_window_ms']:g} ms + 2 × "
+            f"{lb['batch_inference_ms']:.1f} ms (in-process Enricher time for a batch of "
+            f"{lb['batch_size_at_half_rate']}, the mean batch the worker formed at that rate) = "
+            f"{lb['p99_bound_ms']:.0f} ms. Worker peak RSS **{e2e['max_peak_rss_mb']:.0f} MB**; ready "
+            f"(start → warm-up outputs seen) {e2e['ready_s']:.1f} s; duplicate outputs {e2e['duplicate_outputs']}, "
+            f"dead letters {e2e['dead_letters']}.", ""]
+        diag = e2e.get("open_loop_fetch_wait_diagnostic")
+        if diag:
+            lines += [f"Diagnostic — the same worker with its consumer's `fetch_max_wait_ms` cut from faust's fixed "
+                      f"1500 ms to {diag['fetch_max_wait_ms']} ms (Tansu holds a waiting fetch instead of answering "
+                      f"when data arrives; real Kafka answers at once), open loop at {diag['rate_per_s']:.1f}/s: "
+                      f"latency p50/p95/p99 **{_lat(diag['latency'])}**, batches of {diag['batches']['mean_size']:.1f} "
+                      f"on average.", ""]
+
+    # 4. naive
+    lines += ["## 4. Naive per-message agent (`python -m emostream.worker.naive_agent`)", ""]
+    naive = results.get("naive", {})
+    if (skip := _skip_line(naive)):
+        lines += [skip, ""]
+    else:
+        fo = naive["flat_out"]
+        ratio = ""
+        if e2e and "flat_out" in e2e:
+            ratio = f" The batching worker is **{e2e['flat_out']['texts_per_s'] / fo['texts_per_s']:.2f}×** faster."
+        lines += [f"One inference per record (Enricher with batches of one), same broker and texts: "
+                  f"**{fo['texts_per_s']:.1f} texts/s** flat out, latency p50/p95/p99 {_lat(fo['latency'])}, "
+                  f"peak RSS {naive['max_peak_rss_mb']:.0f} MB.{ratio}", ""]
+
+    # scaling
+    lines += ["## 1 vs 2 worker processes (one consumer group, flat out)", ""]
+    sc = results.get("scaling", {})
+    if (skip := _skip_line(sc)):
+        lines += [skip, ""]
+    else:
+        one, two = sc["one_worker_two_threads"], sc["two_workers_one_thread"]
+        lines += ["| configuration | texts/s | peak RSS per worker |", "| --- | --- | --- |",
+                  f"| 1 worker × 2 intra-op threads | {one['flat_out']['texts_per_s']:.1f} | "
+                  f"{', '.join(f'{x:.0f}' for x in one['peak_rss_mb'])} MB |",
+                  f"| 2 workers × 1 intra-op thread | {two['flat_out']['texts_per_s']:.1f} | "
+                  f"{', '.join(f'{x:.0f}' for x in two['peak_rss_mb'])} MB |",
+                  "", f"2 workers / 1 worker: **{sc['ratio']:.2f}×**"
+                  + (f" (1-worker figure reused from {one['reused']})" if one.get("reused") else "")
+                  + ("" if two.get("all_workers_busy", True) else " — the rebalance to both workers was not "
+                     "confirmed before measuring") + ".", ""]
+
+    if plots:
+        lines += ["## Plots", ""]
+        for key, name in sorted(plots.items()):
+            lines.append(f"![{key.replace('_plot', '')}]({name})")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+def write_plots(results: dict, out: Path) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths: dict[str, Path] = {}
+    bars: list[tuple[str, float, str]] = []
+    raw = results.get("raw", {})
+    for v in raw.get("variants", []):
+        bars.append((f"raw: {v['label']}", v["texts_per_s"], "tab:blue"))
+    if "texts_per_s" in results.get("pipeline", {}):
+        bars.append(("pipeline (Enricher)", results["pipeline"]["texts_per_s"], "tab:green"))
+    cache = results.get("cache", {})
+    if "on" in cache:
+        bars.append((f"pipeline, {cache['repeat_fraction']:.0%} dup, cache off", cache["off"]["texts_per_s"], "tab:olive"))
+        bars.append((f"pipeline, {cache['repeat_fraction']:.0%} dup, cache on", cache["on"]["texts_per_s"], "tab:olive"))
+    if _get(results, "end_to_end", "flat_out"):
+        bars.append(("end to end, 1 worker", results["end_to_end"]["flat_out"]["texts_per_s"], "tab:red"))
+    sc = results.get("scaling", {})
+    if "two_workers_one_thread" in sc:
+        bars.append(("end to end, 2 workers × 1 thread", sc["two_workers_one_thread"]["flat_out"]["texts_per_s"],
+                     "tab:red"))
+    if _get(results, "naive", "flat_out"):
+        bars.append(("naive per-message agent", results["naive"]["flat_out"]["texts_per_s"], "tab:gray"))
+    if bars:
+        fig, ax = plt.subplots(figsize=(9, 0.38 * len(bars) + 1.4))
+        labels, values, colors = zip(*bars)
+        y = range(len(bars))
+        ax.barh(list(y), values, color=colors)
+        ax.set_yticks(list(y), labels, fontsize=8)
+        ax.invert_yaxis()
+        for yi, v in zip(y, values):
+            ax.text(v, yi, f" {v:.0f}", va="center", fontsize=8)
+        ax.set_xlabel("texts / s")
+        ax.set_title("Throughput by batch settings and stage")
+        fig.tight_layout()
+        paths["throughput_plot"] = out / "throughput.png"
+        fig.savefig(paths["throughput_plot"], dpi=110)
+        plt.close(fig)
+
+    ol = _get(results, "end_to_end", "open_loop")
+    if ol and ol.get("latencies_ms"):
+        fig, ax = plt.subplots(figsize=(8, 4))
+        lat = ol["latencies_ms"]
+        diag = _get(results, "end_to_end", "open_loop_fetch_wait_diagnostic")
+        bins = 60
+        if diag and diag.get("latencies_ms"):
+            import numpy as np
+
+            bins = np.linspace(0, max(max(lat), max(diag["latencies_ms"])), 61)
+            ax.hist(diag["latencies_ms"], bins=bins, color="tab:gray", alpha=0.5,
+                    label=f"consumer fetch wait {diag['fetch_max_wait_ms']} ms (diagnostic)")
+        ax.hist(lat, bins=bins, color="tab:blue", alpha=0.7, label="worker as shipped")
+        summary = ol["latency"]
+        for key, color in (("p50_ms", "green"), ("p95_ms", "orange"), ("p99_ms", "red")):
+            ax.axvline(summary[key], color=color, linestyle="--", label=f"{key[:3]} {summary[key]:.0f} ms")
+        bound = _get(results, "end_to_end", "latency_budget", "p99_bound_ms")
+        if bound:
+            ax.axvline(bound, color="black", linestyle=":", label=f"p99 target {bound:.0f} ms")
+        ax.set_xlabel("latency per record (ms)")
+        ax.set_ylabel("records")
+        ax.set_title(f"End-to-end latency, open loop at {ol['rate_per_s']:.0f} records/s (half capacity)")
+        ax.legend()
+        fig.tight_layout()
+        paths["latency_plot"] = out / "latency.png"
+        fig.savefig(paths["latency_plot"], dpi=110)
+        plt.close(fig)
+    return paths
