@@ -113,3 +113,33 @@ def test_too_large_original_is_truncated(tiny):
 def test_empty_batch(tiny):
     res = Enricher(tiny, Settings.from_env(environ={}))([])
     assert res.outputs == [] and res.dead_letters == []
+
+
+@pytest.mark.parametrize("mode", ["float32", "float16"])
+def test_embedding_in_output(tiny, mode):
+    s = Settings.from_env(environ={}, embedding_output=mode)
+    texts = ["one text", "another, longer text"]
+    res = Enricher(tiny, s)(raw([orjson.dumps({"text": t}) for t in texts]))
+    want = tiny.predict(texts).embeddings
+    for out, row in zip(res.outputs, want):
+        emb = orjson.loads(out.value)["embedding"]
+        if mode == "float32":
+            np.testing.assert_allclose(np.array(emb, dtype=np.float32), row, rtol=1e-6)
+        else:
+            assert emb["dtype"] == "float16" and emb["dim"] == row.shape[0]
+            got = np.frombuffer(base64.b64decode(emb["data"]), dtype="<f2").astype(np.float32)
+            np.testing.assert_allclose(got, row, rtol=2e-3, atol=2e-3)
+
+
+def test_embedding_off_by_default(tiny):
+    res = Enricher(tiny, Settings.from_env(environ={}))(raw([orjson.dumps({"text": "x"})]))
+    assert "embedding" not in orjson.loads(res.outputs[0].value)
+
+
+def test_swap_model_changes_versions_from_the_next_batch(tiny, tmp_path):
+    other = EmotionModel.load(str(write_manifest(tmp_path, seed=5)))
+    enricher = Enricher(tiny, Settings.from_env(environ={}), cache_size=10)
+    first = orjson.loads(enricher(raw([orjson.dumps({"text": "same"})])).outputs[0].value)
+    enricher.swap_model(other)
+    second = orjson.loads(enricher(raw([orjson.dumps({"text": "same"})])).outputs[0].value)
+    assert first["emotions"] != second["emotions"]  # not served from the old model's cache

@@ -1,0 +1,223 @@
+"""`emostream bench`, the result cache and the naive agent: behaviour only, never timings."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import orjson
+import pytest
+
+from emostream.models.model import EmotionModel
+from emostream.worker.bench import (IN_PROCESS_STAGES, BenchError, BenchOptions, duplicate_stream, load_texts,
+                                    repeat_fraction, run_bench)
+from emostream.worker.cache import CachedResult, HeadRow, ResultCache, text_key
+from emostream.worker.decode import RawMessage
+from emostream.worker.pipeline import Enricher
+from emostream.worker.settings import Settings
+
+from conftest import FIXTURES, ROOT
+from tiny_model import write_manifest
+
+DEV = FIXTURES / "go_emotions_small" / "dev.tsv"
+TARGET_IDS = {"throughput_vs_raw", "throughput_vs_naive", "p99_latency", "worker_rss"}
+
+
+@pytest.fixture(scope="module")
+def tiny_manifest(tmp_path_factory):
+    return write_manifest(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_manifest):
+    return EmotionModel.load(str(tiny_manifest))
+
+
+def raw(values, start=0):
+    return [RawMessage(v, None, "texts", 0, start + i, 1_700_000_000.0) for i, v in enumerate(values)]
+
+
+def records(texts, prefix="r"):
+    return [orjson.dumps({"id": f"{prefix}{i}", "text": t}) for i, t in enumerate(texts)]
+
+
+# --- the benchmark, in-process stages -------------------------------------------------------
+def test_quick_in_process_bench_writes_json_markdown_and_plot(tmp_path, tiny_manifest):
+    out = tmp_path / "out"
+    results = run_bench(BenchOptions(data=DEV, out=out, quick=True, n=40, model=str(tiny_manifest),
+                                     stages=IN_PROCESS_STAGES, progress=False, settings=Settings.from_env(environ={})))
+    data = orjson.loads((out / "bench.json").read_bytes())
+    assert set(data) >= {"meta", "raw", "pipeline", "cache", "end_to_end", "naive", "scaling", "targets"}
+    assert data["meta"]["texts"] == 40 and data["meta"]["quick"] is True
+    # 1. raw model: several variants, one best, both thread counts
+    assert len(data["raw"]["variants"]) >= 3
+    assert data["raw"]["best"]["texts_per_s"] == max(v["texts_per_s"] for v in data["raw"]["variants"])
+    assert set(data["raw"]["best_by_threads"]) == {"1", "2"}
+    assert all(v["texts"] == 40 for v in data["raw"]["variants"])
+    # 2. pipeline: every record came out, at each token budget
+    for v in data["pipeline"]["variants"]:
+        assert v["outputs"] == 40 and v["dead_letters"] == 0
+    assert data["pipeline"]["texts_per_s"] > 0
+    # cache lever: off vs on on a stream with repeats; the hit rate is what was repeated
+    cache = data["cache"]
+    assert cache["off"]["cache"]["enabled"] is False and cache["on"]["cache"]["enabled"] is True
+    assert cache["hit_rate"] == pytest.approx(cache["repeat_fraction"], abs=1e-3)
+    assert cache["on"]["tokens"] < cache["off"]["tokens"]
+    # broker stages were not asked for
+    for name in ("end_to_end", "naive", "scaling"):
+        assert "skipped" in data[name]
+    # targets: all four lines, the broker ones not measured
+    assert {t["id"] for t in data["targets"]} == TARGET_IDS
+    assert all(t["met"] is None for t in data["targets"])
+    md = (out / "bench.md").read_text()
+    assert "## Targets" in md
+    for t in data["targets"]:
+        assert t["target"] in md
+    assert "90%" in md and "2×" in md and "500 MB" in md
+    assert (out / "throughput.png").stat().st_size > 0
+    assert results["raw"]["best"] == data["raw"]["best"]
+
+
+def test_missing_data_file_is_a_clear_error(tmp_path):
+    with pytest.raises(BenchError, match="data file not found"):
+        run_bench(BenchOptions(data=tmp_path / "nope.tsv", out=tmp_path, quick=True, progress=False,
+                               stages=("raw",)))
+    p = subprocess.run([sys.executable, "-m", "emostream.worker.cli", "bench", "--quick", "--data",
+                        str(tmp_path / "nope.tsv"), "--out", str(tmp_path / "o")],
+                       capture_output=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 1
+    assert b"data file not found" in p.stderr and b"nope.tsv" in p.stderr
+
+
+def test_load_texts_tsv_and_plain(tmp_path):
+    assert load_texts(DEV, 3) == [line.split("\t")[0] for line in DEV.read_text().splitlines()[:3]]
+    plain = tmp_path / "texts.txt"
+    plain.write_text("first text\n\nsecond\tone with a tab\nthird\n")
+    assert load_texts(plain) == ["first text", "second\tone with a tab", "third"]
+    assert load_texts(plain, 5) == ["first text", "second\tone with a tab", "third", "first text",
+                                    "second\tone with a tab"]
+
+
+def test_duplicate_stream_has_about_the_fraction_asked():
+    texts = [f"text {i}" for i in range(2000)]
+    stream = duplicate_stream(texts, 0.2, seed=1)
+    assert len(stream) == 2000
+    assert 0.17 < repeat_fraction(stream) < 0.23
+
+
+# --- the result cache -------------------------------------------------------------------------
+def _entry(i: int) -> CachedResult:
+    return CachedResult(np.full(4, i, np.float32), {"h": HeadRow(np.zeros(2, np.float32), np.zeros(2, bool), 0)})
+
+
+def test_lru_is_bounded_and_evicts_least_recently_used():
+    cache = ResultCache(3)
+    for i in range(3):
+        cache.put(text_key(f"t{i}"), _entry(i))
+    assert cache.get(text_key("t0")) is not None  # t0 is now the most recent
+    cache.put(text_key("t3"), _entry(3))
+    cache.put(text_key("t4"), _entry(4))
+    assert len(cache) == 3
+    assert text_key("t1") not in cache and text_key("t2") not in cache
+    assert all(text_key(t) in cache for t in ("t0", "t3", "t4"))
+    assert cache.stats()["evictions"] == 2
+    with pytest.raises(ValueError):
+        ResultCache(0)
+
+
+def test_cache_hits_give_identical_outputs(tiny):
+    s = Settings.from_env(environ={}, score_decimals=9)
+    texts = ["so happy today", "this is awful", "meh", "what a great idea", "I am so angry"]
+    plain = Enricher(tiny, s, clock=lambda: 0.0)
+    cached = Enricher(tiny, s, clock=lambda: 0.0, cache_size=100)
+    first = cached(raw(records(texts)))  # all misses
+    again = cached(raw(records(texts)))  # all hits
+    reference = plain(raw(records(texts)))
+    assert [o.value for o in first.outputs] == [o.value for o in reference.outputs]
+    assert [o.value for o in again.outputs] == [o.value for o in first.outputs]
+    assert again.tokens == 0  # nothing was computed
+    # a mixed batch: hits carry exactly what their text got when it missed; misses match the model
+    mixed = ["new one", texts[1], "another new", texts[3]]
+    got = [orjson.loads(o.value)["emotions"] for o in cached(raw(records(mixed, "m"))).outputs]
+    firsts = [orjson.loads(o.value)["emotions"] for o in first.outputs]
+    assert got[1] == firsts[1] and got[3] == firsts[3]
+    want = [orjson.loads(o.value)["emotions"] for o in plain(raw(records(mixed, "m"))).outputs]
+    for g, w in zip(got, want):
+        assert g["mood"]["scores"] == pytest.approx(w["mood"]["scores"], abs=1e-6)
+    stats = cached.cache_stats()
+    assert stats["hits"] == 5 + 2 and stats["misses"] == 5 + 2 and stats["entries"] == 7
+
+
+def test_hit_rate_is_counted_and_repeats_skip_the_model(tiny):
+    class Counting:
+        def __init__(self, model):
+            self.model, self.info, self.heads, self.seen = model, model.info, model.heads, []
+
+        def predict(self, texts, max_tokens=4096):
+            self.seen.extend(texts)
+            return self.model.predict(texts, max_tokens=max_tokens)
+
+    model = Counting(tiny)
+    enricher = Enricher(model, Settings.from_env(environ={}), cache_size=10)
+    stream = ["a", "b", "a", "c", "d", "b", "e", "a", "f", "g"]  # 3 repeats in 10
+    for start in (0, 5):
+        res = enricher(raw(records(stream[start:start + 5]), start))
+        assert len(res.outputs) == 5
+    assert sorted(model.seen) == ["a", "b", "c", "d", "e", "f", "g"]  # each text computed once
+    stats = enricher.cache_stats()
+    assert stats["hits"] == 3 and stats["misses"] == 7 and stats["hit_rate"] == pytest.approx(0.3)
+
+
+def test_cache_is_off_by_default(tiny):
+    enricher = Enricher(tiny, Settings.from_env(environ={}))
+    enricher(raw(records(["x", "x"])))
+    assert enricher.cache is None and enricher.cache_stats()["enabled"] is False
+
+
+# --- through the broker ------------------------------------------------------------------------
+@pytest.mark.broker
+def test_naive_agent_one_output_per_record(topics, tmp_path):
+    log = open(tmp_path / "naive.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "emostream.worker.naive_agent"], env=topics.env(),
+                            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        n = 30
+        values = [orjson.dumps({"id": f"n{i}", "text": f"I feel fine, number {i}", "seq": i}) for i in range(n)]
+        topics.produce(values, keys=[f"k{i}".encode() for i in range(n)])
+        recs = topics.consume(topics.settings.output_topic, n, timeout=120)
+        assert len(recs) == n, (tmp_path / "naive.log").read_text()[-3000:]
+        outs = [orjson.loads(r.value) for r in recs]
+        assert sorted(o["id"] for o in outs) == sorted(f"n{i}" for i in range(n))
+        assert all(r.key == f"k{o['seq']}".encode() for r, o in zip(recs, outs))
+        assert all(len(o["emotions"]["go_emotions"]["scores"]) == 28 for o in outs)
+        assert len(topics.consume(topics.settings.output_topic, n + 1, timeout=3)) == n  # nothing extra
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
+
+
+@pytest.mark.broker
+def test_quick_end_to_end_stage_reports_throughput_latency_and_rss(tmp_path, tiny_manifest):
+    out = tmp_path / "out"
+    data = run_bench(BenchOptions(data=DEV, out=out, quick=True, n=40, model=str(tiny_manifest),
+                                  stages=("end_to_end",), progress=False,
+                                  settings=Settings.from_env(environ={})))
+    e2e = data["end_to_end"]
+    assert e2e["flat_out"]["records"] == 40 and e2e["flat_out"]["texts_per_s"] > 0
+    assert e2e["open_loop"]["records"] >= 40
+    assert set(e2e["open_loop"]["latency"]) >= {"p50_ms", "p95_ms", "p99_ms"}
+    assert e2e["max_peak_rss_mb"] > 0 and e2e["exit_codes"] == [0]
+    assert e2e["duplicate_outputs"] == 0 and e2e["dead_letters"] == 0
+    targets = {t["id"]: t for t in data["targets"]}
+    assert targets["worker_rss"]["met"] is not None and targets["p99_latency"]["met"] is not None
+    assert (out / "latency.png").exists()
+    assert os.path.exists(out / "bench.md")
