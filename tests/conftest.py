@@ -95,7 +95,8 @@ class WorkerProcess:
         return self.proc.returncode
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return self.log_path.read_text(errors="replace")
 
     def wait_for_log(self, needle: str, timeout: float = 60.0) -> bool:

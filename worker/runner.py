@@ -99,6 +99,7 @@ def run_worker(settings: Settings) -> int:
     exit_request = ExitRequest()
     app = create_app(settings, enricher, exit_request, metrics=metrics, health=health, reloader=reloader)
     worker = faust.Worker(app, **faust_worker_kwargs(settings.log_level))
+    worker.spinner = None  # faust's terminal spinner writes escape codes into our (JSON) logs
     banner(settings, model, rules, health)
     code = 0
     try:
