@@ -489,3 +489,25 @@ def test_dockerignore_keeps_what_the_build_needs():
     needed += ["models/heads/go-emotions/head.onnx", "models/manifests/minilm-go-emotions.toml"]
     for path in needed:
         assert not ignored(path, patterns), f"{path} is needed by the image build but .dockerignore drops it"
+
+
+def test_prometheus_scrapes_the_workers_metrics_port(compose, worker_env):
+    prom = compose["services"]["prometheus"]
+    assert prom["image"].startswith("prom/prometheus:")
+    mount = next(v for v in prom["volumes"] if v.endswith(":/etc/prometheus/prometheus.yml:ro"))
+    config = yaml.safe_load((ROOT / mount.split(":")[0].removeprefix("./")).read_text())
+    job = next(j for j in config["scrape_configs"] if j["job_name"] == "emostream")
+    sd = job["dns_sd_configs"][0]
+    assert sd["names"] == ["worker"] and sd["type"] == "A"
+    assert sd["port"] == int(worker_env["EMOSTREAM_METRICS_PORT"])
+    assert worker_env["EMOSTREAM_METRICS_HOST"] == "0.0.0.0"  # reachable from the prometheus container
+    assert "healthcheck" in prom
+
+
+def test_compose_alert_rules_parse_against_the_default_model(worker_env):
+    from emostream.models.model import EmotionModel
+    from emostream.worker.alerts import load_rules
+
+    model = EmotionModel.load(worker_env.get("EMOSTREAM_MODEL", "minilm-go-emotions").split(":-")[-1].rstrip("}"))
+    rules = load_rules(worker_env["EMOSTREAM_ALERT_RULES"], heads={h.name: h.labels for h in model.heads})
+    assert [r.name for r in rules] == ["angry", "disgust"]
