@@ -32,6 +32,7 @@ class ErrorCode(str, Enum):
     EMPTY_VALUE = "empty_value"
     INVALID_ID = "invalid_id"
     INFERENCE_FAILED = "inference_failed"
+    UNPROCESSABLE = "unprocessable"  # any other per-record failure (e.g. passthrough too deep to re-encode)
 
 
 class Source(TypedDict):

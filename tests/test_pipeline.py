@@ -143,3 +143,27 @@ def test_swap_model_changes_versions_from_the_next_batch(tiny, tmp_path):
     enricher.swap_model(other)
     second = orjson.loads(enricher(raw([orjson.dumps({"text": "same"})])).outputs[0].value)
     assert first["emotions"] != second["emotions"]  # not served from the old model's cache
+
+
+def test_passthrough_too_deep_to_encode_is_dead_lettered(tiny):
+    """orjson reads 1024 levels but writes only 254: such a record must not take its batch down."""
+    deep = b'{"id": "deep", "text": "x", "junk": ' + b"[" * 600 + b"]" * 600 + b"}"
+    res = Enricher(tiny, Settings.from_env(environ={}))(raw([orjson.dumps({"id": "ok", "text": "fine"}), deep]))
+    assert [orjson.loads(o.value)["id"] for o in res.outputs] == ["ok"]
+    dl = orjson.loads(res.dead_letters[0].value)
+    assert dl["id"] == "deep" and dl["error"]["code"] == "unprocessable"
+
+
+def test_unexpected_decode_error_is_dead_lettered(tiny, monkeypatch):
+    import emostream.worker.pipeline as pipeline
+
+    real = pipeline.decode
+
+    def boom(msg, settings):
+        if msg.value == b"boom":
+            raise RuntimeError("decoder bug")
+        return real(msg, settings)
+
+    monkeypatch.setattr(pipeline, "decode", boom)
+    res = Enricher(tiny, Settings.from_env(environ={}))(raw([b"boom", orjson.dumps({"text": "fine"})]))
+    assert len(res.outputs) == 1 and orjson.loads(res.dead_letters[0].value)["error"]["code"] == "unprocessable"

@@ -127,7 +127,6 @@ def create_app(settings: Settings, enricher: Enricher, exit_request: ExitRequest
                        key_serializer="raw", value_serializer="raw")
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emostream-infer")
     app.emostream_executor = executor  # type: ignore[attr-defined]
-    app.emostream_exit = exit_request  # type: ignore[attr-defined]
     broker_down_since: list[float | None] = [None]
 
     async def publish(result: BatchResult) -> None:

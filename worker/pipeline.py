@@ -94,7 +94,10 @@ class Enricher:
         result = BatchResult(size=len(batch))
         valid: list[ValidRecord] = []
         for msg in batch:
-            rec = decode(msg, self.settings)
+            try:
+                rec = decode(msg, self.settings)
+            except Exception as exc:  # noqa: BLE001 - one record must never take its batch down
+                rec = Rejected(msg, ErrorCode.UNPROCESSABLE, f"could not decode: {exc!r}", msg.derived_id)
             if isinstance(rec, Rejected):
                 self._dead_letter(result, rec)
             else:
@@ -217,8 +220,14 @@ class Enricher:
                 vec = pred.embeddings[i].astype("<f2")
                 record["embedding"] = {"dtype": "float16", "dim": int(vec.shape[0]),
                                        "data": base64.b64encode(vec.tobytes()).decode("ascii")}
-            result.outputs.append(Outgoing(rec.msg.key, orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY),
-                                           rec.id, rec.msg))
+            try:
+                value = orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)
+            except (TypeError, orjson.JSONEncodeError) as exc:
+                # e.g. passthrough nested deeper than orjson writes (254 levels; it reads 1024)
+                self._dead_letter(result, Rejected(rec.msg, ErrorCode.UNPROCESSABLE,
+                                                   f"enriched record cannot be encoded as JSON: {exc}", rec.id))
+                continue
+            result.outputs.append(Outgoing(rec.msg.key, value, rec.id, rec.msg))
             if rules:
                 fired = evaluate(rules, emotions)
                 if fired:
