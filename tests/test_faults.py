@@ -26,6 +26,7 @@ from emostream.worker.kafka_io import client_kwargs, consume, ensure_topics
 from emostream.worker.settings import Settings
 
 from conftest import Topics, WorkerProcess
+from strategies import POISON
 
 pytestmark = [pytest.mark.broker, pytest.mark.fault]
 
@@ -230,22 +231,6 @@ def test_broker_killed_mid_run_retry_policy(tmp_path):
 
 
 # -- 4. poison input -------------------------------------------------------------------------
-JSON_TEXTS = st.text(alphabet=st.characters(codec="utf-8", categories=["L", "M", "N", "P", "S", "Zs", "Cc"]),
-                     min_size=1, max_size=200)
-SPECIAL = st.sampled_from(["nul\u0000byte", "مرحبا بالعالم، كيف حالك", "שלום עולם", "e\u0301\u0302\u0303 o\u0308",
-                           "🔥🔥 lol 😂👩‍👩‍👧‍👦", "\u200f\u202eRTL override", "  leading spaces ok"])
-POISON = st.one_of(
-    st.binary(max_size=300),
-    st.binary(max_size=100).map(lambda b: b"\xff\xfe" + b),  # invalid UTF-8
-    st.text(max_size=100).map(lambda s: s.encode("utf-8", "surrogatepass")),
-    st.fixed_dictionaries({"text": st.one_of(st.none(), st.integers(), st.just(""), st.text(alphabet=" \t\n\r"),
-                                             st.lists(st.integers(), max_size=3), st.booleans())}).map(orjson.dumps),
-    st.fixed_dictionaries({"id": st.text(max_size=10)}).map(orjson.dumps),
-    st.integers(min_value=100, max_value=4000).map(lambda d: b'{"text": "x", "junk": ' + b"[" * d + b"]" * d + b"}"),
-    st.one_of(JSON_TEXTS, SPECIAL).map(lambda s: orjson.dumps({"text": s})),
-)
-
-
 @pytest.fixture(scope="module")
 def poison_worker(broker, tmp_path_factory):
     t = Topics(broker, partitions=2)

@@ -5,12 +5,14 @@ import base64
 import numpy as np
 import orjson
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from emostream.models.model import EmotionModel
 from emostream.worker.decode import RawMessage
 from emostream.worker.pipeline import Enricher
 from emostream.worker.settings import Settings
 
+from strategies import POISON
 from tiny_model import LABELS, write_manifest
 
 
@@ -167,3 +169,13 @@ def test_unexpected_decode_error_is_dead_lettered(tiny, monkeypatch):
     monkeypatch.setattr(pipeline, "decode", boom)
     res = Enricher(tiny, Settings.from_env(environ={}))(raw([b"boom", orjson.dumps({"text": "fine"})]))
     assert len(res.outputs) == 1 and orjson.loads(res.dead_letters[0].value)["error"]["code"] == "unprocessable"
+
+
+@settings(max_examples=150, deadline=None)
+@given(values=st.lists(POISON, min_size=1, max_size=12))
+def test_any_input_gives_exactly_one_result_per_record(tiny, values):
+    res = Enricher(tiny, Settings.from_env(environ={}))(raw(values, keys=[str(i).encode() for i in range(len(values))]))
+    keys = [o.key for o in res.outputs] + [d.key for d in res.dead_letters]
+    assert sorted(keys) == sorted(str(i).encode() for i in range(len(values)))
+    for d in res.dead_letters:
+        assert orjson.loads(d.value)["error"]["code"]

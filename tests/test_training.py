@@ -1,0 +1,158 @@
+"""Fine-tuning tooling (emostream.models.training).
+
+The pure parts (label mappings, the sentiment rule, the bucketed batch sampler) need no torch
+and always run. The rest needs torch (the ``train`` extra, which CI's ``.[dev]`` does not
+install): those tests are skipped there by ``pytest.importorskip("torch")``.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from emostream.models.linear_head import GO_EMOTIONS_LABELS
+from emostream.models.training.data import (EKMAN_LABELS, EKMAN_MAPPING, SENTIMENT_LABELS, SENTIMENT_MAPPING,
+                                            bucket_batches, ekman_targets, group_matrix, load_label_sets, pad_batch,
+                                            sentiment_targets)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "go_emotions_small"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "go_emotions"
+GO = list(GO_EMOTIONS_LABELS)
+
+
+def _y(*rows):
+    y = np.zeros((len(rows), 28), dtype=np.uint8)
+    for i, names in enumerate(rows):
+        y[i, [GO.index(n) for n in names]] = 1
+    return y
+
+
+# ------------------------------------------------------------------------------ torch-free
+
+
+def test_every_label_in_exactly_one_group():
+    for mapping, groups in ((EKMAN_MAPPING, EKMAN_LABELS), (SENTIMENT_MAPPING, SENTIMENT_LABELS)):
+        M = group_matrix(GO, mapping, groups)
+        assert (M.sum(axis=1) == 1).all()
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="shared GoEmotions data not here")
+def test_builtin_mappings_match_the_dataset_files():
+    assert json.loads((SHARED / "ekman_mapping.json").read_text()) == EKMAN_MAPPING
+    assert json.loads((SHARED / "sentiment_mapping.json").read_text()) == SENTIMENT_MAPPING
+
+
+def test_ekman_targets_any_member():
+    _, ek, _ = load_label_sets(FIXTURES)
+    t = ekman_targets(_y(["annoyance", "curiosity"], ["neutral"], ["grief", "remorse"]), ek)
+    idx = {g: i for i, g in enumerate(EKMAN_LABELS)}
+    assert t[0].tolist() == [1 if g in ("anger", "surprise") else 0 for g in EKMAN_LABELS]
+    assert t[1, idx["neutral"]] == 1 and t[1].sum() == 1
+    assert t[2, idx["sadness"]] == 1 and t[2].sum() == 1
+
+
+@pytest.mark.parametrize("names, expected", [
+    (["joy"], "positive"),
+    (["anger"], "negative"),
+    (["curiosity"], "ambiguous"),
+    (["neutral"], "neutral"),
+    (["joy", "love", "anger"], "positive"),          # majority
+    (["joy", "anger"], "negative"),                   # tie: negative > positive
+    (["joy", "surprise"], "positive"),                # tie: positive > ambiguous
+    (["surprise", "neutral"], "ambiguous"),           # tie: ambiguous > neutral
+    (["sadness", "curiosity", "neutral"], "negative"),
+    ([], "neutral"),                                  # no label at all
+])
+def test_sentiment_rule(names, expected):
+    _, _, se = load_label_sets(FIXTURES)
+    assert SENTIMENT_LABELS[sentiment_targets(_y(names), se)[0]] == expected
+
+
+def test_bucket_batches_cover_every_index_once_and_group_lengths():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 60, size=1003).tolist()
+    batches = bucket_batches(lengths, 32, shuffle=True, seed=1, pool=10)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(1003))
+    assert all(len(b) <= 32 for b in batches)
+    # Bucketing: far less padding than random batches.
+    pad = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    rand = [flat[i:i + 32] for i in range(0, 1003, 32)]
+    rng.shuffle(flat)
+    rand = [flat[i:i + 32] for i in range(0, 1003, 32)]
+    assert pad < 0.8 * sum(max(lengths[i] for i in b) * len(b) for b in rand)
+    assert bucket_batches(lengths, 32, seed=1, pool=10) == batches  # deterministic per seed
+    assert bucket_batches(lengths, 32, seed=2, pool=10) != batches
+    sorted_batches = bucket_batches(lengths, 32, shuffle=False)
+    assert [lengths[i] for b in sorted_batches for i in b] == sorted(lengths)
+
+
+def test_pad_batch():
+    ids, mask = pad_batch([[101, 5, 102], [101, 102]])
+    assert ids.tolist() == [[101, 5, 102], [101, 102, 0]] and mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+# ----------------------------------------------------------------------------- needs torch
+
+
+def test_torch_bert_matches_the_shipped_onnx_backbone():
+    torch = pytest.importorskip("torch")
+    from emostream.models.model import EmotionModel
+    from emostream.models.training.bert import Bert, mean_pool
+    from emostream.models.training.finetune import tokenizer
+
+    texts = ["I love this so much!", "This is awful and I am angry.", "ok"]
+    tok = tokenizer(64)
+    ids, mask = pad_batch([e.ids for e in tok.encode_batch(texts)])
+    with torch.no_grad():
+        m = Bert.from_pretrained().eval()
+        e = mean_pool(m(torch.tensor(ids), torch.tensor(mask)), torch.tensor(mask)).numpy()
+    ref = EmotionModel.load("minilm").encoder.embed(texts).embeddings
+    assert ((e * ref).sum(1) > 0.98).all()  # the shipped backbone is INT8
+
+
+def test_train_resume_and_export_heads(tmp_path):
+    torch = pytest.importorskip("torch")
+    from emostream.models.heads import Head
+    from emostream.models.training.export import export_heads, load_checkpoint
+    from emostream.models.training.finetune import train
+
+    out = tmp_path / "run"
+    kw = dict(data_dir=FIXTURES, batch_size=16, limit_train=48, limit_dev=32, progress=False, threads=1)
+    r1 = train(out, epochs=1, **kw)
+    assert (out / "epoch-1.pt").is_file() and len(r1["history"]) == 1
+    assert set(r1["history"][0]["dev"]) == {"go_emotions", "ekman", "sentiment"}
+    r2 = train(out, epochs=2, resume=True, **kw)  # continues at epoch 2
+    assert [h["epoch"] for h in r2["history"]] == [1, 2]
+
+    model, ck = load_checkpoint(out / "last.pt")
+    specs = export_heads(model, GO, tmp_path / "heads", "t")
+    x = torch.nn.functional.normalize(torch.randn(5, 384), dim=-1)
+    with torch.no_grad():
+        ref = {k: h(x * model.log_scale.exp()) for k, h in model.heads.items()}
+    for name, spec in specs.items():
+        got = Head(spec).probabilities(x.numpy())
+        want = ref[name].softmax(-1) if name == "sentiment" else ref[name].sigmoid()
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+
+
+def test_export_backbone_onnx_matches_torch(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    import onnxruntime as ort
+
+    from emostream.models.training.export import export_backbone
+    from emostream.models.training.finetune import build
+
+    model = build("cpu").eval()
+    t = export_backbone(model, tmp_path / "fp32.onnx", tmp_path / "int8.onnx")
+    assert t["int8_mb"] < t["fp32_mb"] / 2
+    ids = np.array([[101, 2023, 2003, 2307, 999, 102], [101, 2307, 102, 0, 0, 0]], dtype=np.int64)
+    mask = (ids != 0).astype(np.int64)
+    with torch.no_grad():
+        ref = model.backbone(torch.tensor(ids), torch.tensor(mask)).numpy()
+    sess = ort.InferenceSession(str(tmp_path / "fp32.onnx"), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})[0]
+    assert out.shape == (2, 6, 384)
+    np.testing.assert_allclose(out[mask.astype(bool)], ref[mask.astype(bool)], atol=1e-3)
