@@ -52,8 +52,7 @@ class Topics:
 
     def env(self, **extra) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EMOSTREAM_")}
-        for name, value in self.settings.model_dump().items():
-            env[env_name(name)] = str(value).lower() if isinstance(value, bool) else str(value)
+        env.update(self.settings.as_env())
         for name, value in extra.items():
             env[env_name(name)] = str(value)
         env["PYTHONUNBUFFERED"] = "1"

@@ -36,10 +36,7 @@ def run_demo(settings: Settings, count: int = 300, show: int = 8) -> int:
                                                 "include_text": True, "partitions": 4})
         console.print(f"[bold]emostream demo[/] — embedded broker on {broker.address}")
         asyncio.run(ensure_topics(settings, [settings.input_topic, settings.output_topic, settings.dlq_topic]))
-        env = dict(os.environ)
-        for name, value in settings.model_dump().items():
-            env[env_name(name)] = str(value).lower() if isinstance(value, bool) else str(value)
-        env[env_name("log_level")] = "warning"  # keep the demo's own output readable
+        env = {**os.environ, **settings.as_env(), env_name("log_level"): "warning"}  # keep the output readable
         worker = subprocess.Popen([sys.executable, "-m", "emostream.worker.cli", "worker"], env=env)
         try:
             return _traffic(console, settings, worker, count, show)

@@ -227,6 +227,10 @@ class Settings(BaseModel):
                 data[name] = "***"
         return data
 
+    def as_env(self) -> dict[str, str]:
+        """These settings as ``EMOSTREAM_*`` variables, for starting another process with them."""
+        return {env_name(k): str(v).lower() if isinstance(v, bool) else str(v) for k, v in self.model_dump().items()}
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
         """Defaults, then ``EMOSTREAM_*`` variables, then explicit overrides (None = not given)."""
