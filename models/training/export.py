@@ -1,0 +1,254 @@
+"""Export a fine-tuned checkpoint: backbone ONNX (fp32 → INT8) + the three heads, dev-tuned
+thresholds, and dev metrics for the fp32 and INT8 backbones.
+
+    python -m emostream.models.training.export --checkpoint runs/ft/last.pt \\
+        --backbone-out models/backbones/minilm-ft-int8.onnx --heads-dir models/heads --work runs/ft/export
+
+Backbone graph: inputs ``input_ids``, ``attention_mask``, ``token_type_ids`` (int64 [batch, seq]),
+output ``last_hidden_state`` float32 [batch, seq, 384], dynamic batch/seq axes, opset 17. INT8:
+``onnxruntime.quantization.quantize_dynamic(per_channel=True, weight_type=QInt8)``. The fp32
+file stays in ``--work`` (not for git).
+
+Heads (input ``logits`` [n, 384] = the mean-pooled, L2-normalised embedding the worker computes;
+the training-time scale is folded into the weights): ``ft_go_emotions`` and ``ft_ekman`` in the
+seed per-label layout (:func:`emostream.models.linear_head.export_per_label_onnx`) with
+``thresholds.json`` tuned on dev over the INT8 backbone; ``ft_sentiment`` as a matrix head
+(one output ``sentiment`` [n, 4] of logits; manifest: ``format = "matrix"``,
+``activation = "softmax"``, ``kind = "single_label"``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..linear_head import export_per_label_onnx, f1_report, read_goemotions, tune_thresholds
+from ..manifest import BackboneSpec, HeadSpec
+from .bert import default_model_dir
+from .data import DATA_DIR, EKMAN_LABELS, SENTIMENT_LABELS, ekman_targets, load_label_sets, sentiment_targets
+from .finetune import build
+
+log = logging.getLogger(__name__)
+
+
+class _BackboneGraph(nn.Module):
+    def __init__(self, bert):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        return self.bert(input_ids, attention_mask, token_type_ids)
+
+
+class _FusedGraph(nn.Module):
+    """Tokens → go_emotions probabilities (backbone, mean pool, L2 norm, sigmoid head) in one graph."""
+
+    def __init__(self, model, head: str = "go_emotions"):
+        super().__init__()
+        self.model, self.head = model, head
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        from .bert import mean_pool
+
+        x = mean_pool(self.model.backbone(input_ids, attention_mask, token_type_ids), attention_mask, True)
+        return self.model.heads[self.head](x * self.model.log_scale.exp()).sigmoid()
+
+
+def export_fused(model, fp32_path: Path, int8_path: Path, opset: int = 17) -> dict:
+    """Optional single-file classifier: ``input_ids``, ``attention_mask``, ``token_type_ids`` →
+    ``probabilities`` [batch, 28] (no thresholds applied)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    ids = torch.tensor([[101, 7592, 2088, 102], [101, 2748, 102, 0]], dtype=torch.long)
+    t0 = time.perf_counter()
+    torch.onnx.export(
+        _FusedGraph(model).eval(), (ids, (ids != 0).long(), torch.zeros_like(ids)), str(fp32_path),
+        input_names=["input_ids", "attention_mask", "token_type_ids"], output_names=["probabilities"],
+        dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+                      "token_type_ids": {0: "batch", 1: "sequence"}, "probabilities": {0: "batch"}},
+        opset_version=opset, do_constant_folding=True, dynamo=False,
+    )
+    quantize_dynamic(str(fp32_path), str(int8_path), per_channel=True, weight_type=QuantType.QInt8)
+    return {"fused_export_and_quantize_s": round(time.perf_counter() - t0, 1)}
+
+
+def load_checkpoint(path: str | Path):
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    model = build("cpu")
+    model.load_state_dict(ck["model"])
+    return model.eval(), ck
+
+
+def export_backbone(model, fp32_path: Path, int8_path: Path, opset: int = 17) -> dict:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fp32_path.parent.mkdir(parents=True, exist_ok=True)
+    int8_path.parent.mkdir(parents=True, exist_ok=True)
+    ids = torch.tensor([[101, 7592, 2088, 102], [101, 2748, 102, 0]], dtype=torch.long)
+    mask = (ids != 0).long()
+    t0 = time.perf_counter()
+    torch.onnx.export(
+        _BackboneGraph(model.backbone).eval(), (ids, mask, torch.zeros_like(ids)), str(fp32_path),
+        input_names=["input_ids", "attention_mask", "token_type_ids"], output_names=["last_hidden_state"],
+        dynamic_axes={n: {0: "batch", 1: "sequence"} for n in
+                      ("input_ids", "attention_mask", "token_type_ids", "last_hidden_state")},
+        opset_version=opset, do_constant_folding=True, dynamo=False,
+    )
+    t1 = time.perf_counter()
+    quantize_dynamic(str(fp32_path), str(int8_path), per_channel=True, weight_type=QuantType.QInt8)
+    t2 = time.perf_counter()
+    return {"onnx_export_s": round(t1 - t0, 1), "quantize_s": round(t2 - t1, 1),
+            "fp32_mb": round(fp32_path.stat().st_size / 2**20, 1), "int8_mb": round(int8_path.stat().st_size / 2**20, 1)}
+
+
+def export_matrix_onnx(W: np.ndarray, b: np.ndarray, path: Path, output: str, opset: int = 17) -> Path:
+    """``logits`` [n, dim] → ``output`` [n, L] = logits · W + b (raw logits)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    W = np.asarray(W, dtype=np.float32)
+    b = np.asarray(b, dtype=np.float32).reshape(-1)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["logits", "_W"], ["_z"], name="matmul"),
+         helper.make_node("Add", ["_z", "_b"], [output], name="bias")],
+        "linear_matrix_head",
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", W.shape[0]])],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["n", W.shape[1]])],
+        initializer=[numpy_helper.from_array(W, "_W"), numpy_helper.from_array(b, "_b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              producer_name="emostream.models.training.export")
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def export_heads(model, labels: Sequence[str], heads_dir: Path, version: str) -> dict[str, HeadSpec]:
+    specs = {}
+    for name, names in (("go_emotions", list(labels)), ("ekman", list(EKMAN_LABELS))):
+        W, b = model.folded_head(name)
+        d = heads_dir / f"ft_{name}"
+        export_per_label_onnx(W.numpy(), b.numpy(), names, d / "head.onnx")
+        (d / "labels.json").write_text(json.dumps(names, indent=1) + "\n")
+        specs[name] = HeadSpec(name=name, version=version, onnx=d / "head.onnx", labels=d / "labels.json")
+    W, b = model.folded_head("sentiment")
+    d = heads_dir / "ft_sentiment"
+    export_matrix_onnx(W.numpy(), b.numpy(), d / "head.onnx", "sentiment")
+    (d / "labels.json").write_text(json.dumps(list(SENTIMENT_LABELS), indent=1) + "\n")
+    specs["sentiment"] = HeadSpec(name="sentiment", version=version, onnx=d / "head.onnx", kind="single_label",
+                                  format="matrix", activation="softmax", labels=d / "labels.json")
+    return specs
+
+
+def score(probs: dict, gold: dict, labels: Sequence[str], thresholds: dict | None = None) -> dict:
+    """Dev metrics per head; multi-label heads with thresholds tuned on ``probs`` unless given."""
+    out, thr_out = {}, {}
+    for name, names in (("go_emotions", labels), ("ekman", EKMAN_LABELS)):
+        thr = thresholds[name] if thresholds else np.round(tune_thresholds(probs[name], gold[name]), 4)
+        thr_out[name] = thr
+        tuned = f1_report(probs[name], gold[name], thr, names)
+        fixed = f1_report(probs[name], gold[name], 0.5, names)
+        out[name] = {"tuned": {k: round(v, 4) for k, v in tuned["macro"].items()},
+                     "weighted_tuned": {k: round(v, 4) for k, v in tuned["weighted"].items()},
+                     "at_0.5": {k: round(v, 4) for k, v in fixed["macro"].items()},
+                     "per_label_f1": {l: round(d["f1"], 4) for l, d in tuned["per_label"].items()}}
+    p = probs["sentiment"]
+    pred = np.eye(p.shape[1])[p.argmax(1)]
+    rep = f1_report(pred, gold["sentiment"], 0.5, SENTIMENT_LABELS)
+    out["sentiment"] = {"argmax": {k: round(v, 4) for k, v in rep["macro"].items()},
+                        "weighted": {k: round(v, 4) for k, v in rep["weighted"].items()},
+                        "accuracy": round(float((p.argmax(1) == gold["sentiment"].argmax(1)).mean()), 4),
+                        "per_label_f1": {l: round(d["f1"], 4) for l, d in rep["per_label"].items()}}
+    return out, thr_out
+
+
+def dev_probs(backbone_onnx: Path, specs: dict[str, HeadSpec], texts: Sequence[str], max_length: int,
+              threads: int = 0) -> tuple[dict, float]:
+    from ..encoder import Encoder
+    from ..heads import Head
+
+    spec = BackboneSpec(name="ft", version="0", onnx=backbone_onnx,
+                        tokenizer=default_model_dir() / "tokenizer.json", max_length=max_length)
+    enc = Encoder(spec, threads=threads)
+    t0 = time.perf_counter()
+    emb = enc.embed(list(texts)).embeddings
+    dt = time.perf_counter() - t0
+    return {k: Head(s, threads=1).probabilities(emb) for k, s in specs.items()}, dt
+
+
+def export(checkpoint: Path, backbone_out: Path, heads_dir: Path, work: Path, data_dir: Path = DATA_DIR,
+           max_length: int = 128, version: str = "ft-1", threads: int = 0, limit_dev: int | None = None,
+           fused: bool = False) -> dict:
+    torch.set_num_threads(max(1, threads or torch.get_num_threads()))
+    model, ck = load_checkpoint(checkpoint)
+    labels, ek_M, se_M = load_label_sets(data_dir)
+    timing = export_backbone(model, work / "minilm-ft-fp32.onnx", backbone_out)
+    if fused:
+        timing |= export_fused(model, work / "minilm-ft-go-emotions-fused-fp32.onnx",
+                               work / "minilm-ft-go-emotions-fused-int8.onnx")
+    t0 = time.perf_counter()
+    specs = export_heads(model, labels, heads_dir, version)
+    timing["heads_s"] = round(time.perf_counter() - t0, 2)
+
+    texts, y = read_goemotions(data_dir / "dev.tsv", len(labels))
+    if limit_dev:
+        texts, y = texts[:limit_dev], y[:limit_dev]
+    gold = {"go_emotions": y, "ekman": ekman_targets(y, ek_M),
+            "sentiment": np.eye(len(SENTIMENT_LABELS), dtype=np.uint8)[sentiment_targets(y, se_M)]}
+    results = {}
+    for tag, path in (("fp32", work / "minilm-ft-fp32.onnx"), ("int8", backbone_out)):
+        probs, dt = dev_probs(path, specs, texts, max_length, threads)
+        timing[f"dev_embed_{tag}_s"] = round(dt, 1)
+        results[tag], thr = score(probs, gold, labels)
+        if tag == "int8":  # ship thresholds tuned over the backbone that ships
+            for name, names in (("go_emotions", labels), ("ekman", EKMAN_LABELS)):
+                (heads_dir / f"ft_{name}" / "thresholds.json").write_text(
+                    json.dumps({l: float(t) for l, t in zip(names, thr[name])}, indent=1) + "\n")
+    metrics = {"checkpoint": str(checkpoint), "training": {"hparams": ck.get("hparams"), "history": ck.get("history"),
+                                                           "stopped_at": [ck.get("epoch"), ck.get("batch")]},
+               "dev": results, "n_dev": len(texts), "max_length": max_length, "timing_s": timing}
+    for name in ("go_emotions", "ekman", "sentiment"):
+        (heads_dir / f"ft_{name}" / "metrics.json").write_text(json.dumps(
+            {"head": name, "version": version, "dev": {t: results[t][name] for t in results},
+             "training": metrics["training"]["hparams"]}, indent=1) + "\n")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "export_metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m emostream.models.training.export", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", type=Path, required=True)
+    ap.add_argument("--backbone-out", type=Path, required=True, help="INT8 backbone .onnx")
+    ap.add_argument("--heads-dir", type=Path, required=True, help="ft_* head directories go here")
+    ap.add_argument("--work", type=Path, required=True, help="fp32 ONNX and export_metrics.json")
+    ap.add_argument("--data-dir", type=Path, default=DATA_DIR)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--version", default="ft-1")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--limit-dev", type=int, help="score only the first N dev rows (smoke tests)")
+    ap.add_argument("--fused", action="store_true",
+                    help="also write a tokens → go_emotions probabilities graph (fp32 + INT8) to --work")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    m = export(args.checkpoint, args.backbone_out, args.heads_dir, args.work, args.data_dir, args.max_length,
+               args.version, args.threads, args.limit_dev, args.fused)
+    print(json.dumps({"dev": {t: {h: {k: v for k, v in r.items() if k != "per_label_f1"} for h, r in d.items()}
+                              for t, d in m["dev"].items()}, "timing_s": m["timing_s"]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
