@@ -11,8 +11,8 @@ POISON = st.one_of(
     st.binary(max_size=300),
     st.binary(max_size=100).map(lambda b: b"\xff\xfe" + b),  # invalid UTF-8
     st.text(max_size=100).map(lambda s: s.encode("utf-8", "surrogatepass")),
-    st.fixed_dictionaries({"text": st.one_of(st.none(), st.integers(), st.just(""), st.text(alphabet=" \t\n\r"),
-                                             st.lists(st.integers(), max_size=3), st.booleans())}).map(orjson.dumps),
+    st.fixed_dictionaries({"text": st.one_of(st.none(), st.integers(-2**63, 2**63 - 1), st.just(""), st.text(alphabet=" \t\n\r"),
+                                             st.lists(st.integers(-2**63, 2**63 - 1), max_size=3), st.booleans())}).map(orjson.dumps),
     st.fixed_dictionaries({"id": st.text(max_size=10)}).map(orjson.dumps),
     st.integers(min_value=100, max_value=4000).map(lambda d: b'{"text": "x", "junk": ' + b"[" * d + b"]" * d + b"}"),
     st.one_of(JSON_TEXTS, SPECIAL).map(lambda s: orjson.dumps({"text": s})),

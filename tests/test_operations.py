@@ -14,7 +14,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from emostream.models.manifest import registered
+from emostream.models.manifest import find_manifest, registered
+from emostream.worker.settings import Settings
 from emostream.worker.broker import free_port
 
 from conftest import Topics
@@ -74,7 +75,9 @@ def test_metrics_and_readiness(broker, start_worker):
     assert "emostream_batch_size_records_count" in body
     assert "emostream_inference_duration_seconds_bucket" in body
     assert "emostream_end_to_end_latency_seconds_count" in body
-    assert 'backbone="all-MiniLM-L6-v2-int8"' in body and "go_emotions=lr-1" in body
+    default = find_manifest(Settings.from_env(environ={}).model)
+    assert f'backbone="{default.backbone.name}"' in body
+    assert ",".join(f"{h.name}={h.version}" for h in default.heads) in body
     assert w.stop() == 0
 
 

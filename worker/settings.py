@@ -137,7 +137,7 @@ class Settings(BaseModel):
 
     # --- Model -------------------------------------------------------------------------------
     model: str = Field(
-        "minilm-go-emotions",
+        "minilm-ft-emotions",
         description="Model manifest: a registered name (see `emostream models`) or a path to a .toml file.",
         json_schema_extra={"group": "model"},
     )
