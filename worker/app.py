@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import ssl
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -97,7 +98,8 @@ async def broker_reachable(servers: Sequence[str], timeout: float = 2.0) -> bool
 
 
 def create_app(settings: Settings, enricher: Enricher, exit_request: ExitRequest | None = None,
-               metrics: Metrics | None = None, health: HealthServer | None = None, reloader=None) -> faust.App:
+               metrics: Metrics | None = None, health: HealthServer | None = None, reloader=None,
+               datadir: str | None = None) -> faust.App:
     """The faust app around one Enricher; metrics, health and reloading are optional collaborators."""
     exit_request = exit_request or ExitRequest()
     metrics = metrics or Metrics()
@@ -108,6 +110,7 @@ def create_app(settings: Settings, enricher: Enricher, exit_request: ExitRequest
         key_serializer="raw",
         value_serializer="raw",
         store="memory://",  # stateless: no tables, no changelogs
+        datadir=datadir or tempfile.mkdtemp(prefix="emostream-faust-"),  # faust wants one; we keep nothing
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication_factor,
         topic_disable_leader=True,

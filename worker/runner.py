@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 import time
 
 import faust
@@ -97,7 +98,9 @@ def run_worker(settings: Settings) -> int:
     reloader = Reloader(model, settings.model, settings.reload_poll_s, wrap=wrap,
                         rules_check=(lambda m: validate(rules, heads_of(m))) if rules else None)
     exit_request = ExitRequest()
-    app = create_app(settings, enricher, exit_request, metrics=metrics, health=health, reloader=reloader)
+    datadir = tempfile.TemporaryDirectory(prefix="emostream-faust-")  # faust wants a data dir; nothing is kept
+    app = create_app(settings, enricher, exit_request, metrics=metrics, health=health, reloader=reloader,
+                     datadir=datadir.name)
     worker = faust.Worker(app, **faust_worker_kwargs(settings.log_level))
     worker.spinner = None  # faust's terminal spinner writes escape codes into our (JSON) logs
     banner(settings, model, rules, health)
@@ -110,4 +113,5 @@ def run_worker(settings: Settings) -> int:
         app.emostream_executor.shutdown(wait=False)  # type: ignore[attr-defined]
         if health is not None:
             health.stop()
+        datadir.cleanup()
     return exit_request.code or code
