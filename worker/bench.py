@@ -3,19 +3,23 @@
 Every stage runs on the same texts (GoEmotions dev by default) and returns a plain dict:
 
 1. :func:`bench_raw` — tokenization + the ONNX backbone session alone, length-sorted batches,
-   several batch sizes / padded-token budgets and intra-op thread counts; the best is the
-   model's own limit on this machine.
+   several batch sizes / padded-token budgets, intra-op threads 1 vs 2 and spin-waiting on/off;
+   the best is the model's own limit on this machine.
 2. :func:`bench_pipeline` — :class:`~emostream.worker.pipeline.Enricher` on raw JSON records in
    arrival order, batches of ``batch_max`` (decode → validate → tokenize → embed → heads →
-   encode), no Kafka. :func:`bench_cache` runs it on a stream with ~20 % duplicates, result
-   cache off and on.
+   encode), no Kafka, at several padded-token budgets; the best budget is what the later stages
+   run with (unless ``EMOSTREAM_BATCH_MAX_TOKENS`` is set). :func:`bench_cache` runs it on a
+   stream with ~20 % reposts, result cache off and on.
 3. :func:`bench_worker` — the embedded broker and real worker processes: warm-up, then N records
    flat out (throughput), then open loop at half that rate (latency per record: the ``sent_at``
    carried in the record → the moment the bench's consumer sees the output), with the worker's
-   peak RSS polled throughout.
+   peak RSS polled throughout. A diagnostic run repeats it with the consumer's fetch wait cut
+   (see :func:`_run_patched_worker`).
 4. the same with the naive per-message agent (``emostream.worker.naive_agent``), and with two
-   single-threaded workers in one consumer group.
+   single-threaded workers in one consumer group against one worker with two threads.
 
+Raw and pipeline variants run ``Plan.rounds`` times, interleaved, keeping each one's best run:
+the machine is shared and a burst of load elsewhere should not sink one variant.
 :func:`run_bench` runs the stages, then writes ``bench.json``, ``bench.md`` and the plots
 (:mod:`.bench_report`). Targets are report lines, never assertions.
 """
@@ -36,7 +40,7 @@ import time
 import uuid
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -81,27 +85,29 @@ class RawVariant:
     batch_size: int
     max_tokens: int
     order: str = "length-sorted"  # or "arrival"
+    spinning: bool = True  # ONNX Runtime session.intra_op.allow_spinning
 
     @property
     def label(self) -> str:
         extra = "" if self.order == "length-sorted" else ", arrival order"
+        extra += "" if self.spinning else ", no spinning"
         return f"{self.threads} thr, batch {self.batch_size}, ≤{self.max_tokens} tok{extra}"
 
 
 @dataclass(frozen=True)
 class Plan:
     n: int
-    raw_variants: tuple[RawVariant, ...]  # multi-threaded sweep; single-threaded runs follow at the best
-    single_thread_sizes: tuple[int, ...]  # batch sizes re-run with 1 thread (0 = the best one)
+    raw_variants: tuple[RawVariant, ...]
+    rounds: int = 2  # raw and pipeline variants run this many times, interleaved; each keeps its best
     duplicate_fraction: float = 0.2
     cache_size: int = 10_000
-    open_loop_s: float = 20.0
+    open_loop_s: float = 15.0
     open_loop_min: int = 100
     warmup: int = 64
     scaling: bool = True
     t_batch_repeats: int = 15
-    token_budgets: tuple[int, ...] = (2048, 1024, 512, 256)  # pipeline sweep, besides the configured one
-    fetch_wait_diagnostic_ms: int | None = 100  # an extra open-loop run with a patched consumer fetch wait
+    token_budgets: tuple[int, ...] = (1024, 512, 256)  # pipeline sweep, besides the configured one
+    fetch_wait_diagnostic_ms: int | None = 100  # an extra worker run with a patched consumer fetch wait
 
 
 def make_plan(quick: bool, n: int | None) -> Plan:
@@ -109,18 +115,17 @@ def make_plan(quick: bool, n: int | None) -> Plan:
     if quick:
         return Plan(
             n=n or 150,
-            raw_variants=(RawVariant(T, 1, 4096), RawVariant(T, 64, 4096)),
-            single_thread_sizes=(0,),
-            cache_size=2_000, open_loop_s=4.0, open_loop_min=40, warmup=16, scaling=False, t_batch_repeats=5,
-            token_budgets=(512,), fetch_wait_diagnostic_ms=None,
+            raw_variants=(RawVariant(T, 1, 4096), RawVariant(T, 64, 4096), RawVariant(1, 64, 4096)),
+            rounds=1, cache_size=2_000, open_loop_s=4.0, open_loop_min=40, warmup=16, scaling=False,
+            t_batch_repeats=5, token_budgets=(512,), fetch_wait_diagnostic_ms=None,
         )
     return Plan(
-        n=n or 1500,
+        n=n or 1000,
         raw_variants=(
-            RawVariant(T, 1, 4096), RawVariant(T, 8, 4096), RawVariant(T, 32, 4096), RawVariant(T, 64, 4096),
-            RawVariant(T, 256, 16384), RawVariant(T, 64, 512), RawVariant(T, 64, 4096, "arrival"),
+            RawVariant(T, 1, 4096), RawVariant(T, 32, 4096), RawVariant(T, 64, 4096), RawVariant(T, 256, 16384),
+            RawVariant(T, 64, 512), RawVariant(T, 64, 4096, "arrival"), RawVariant(T, 64, 4096, spinning=False),
+            RawVariant(1, 64, 4096), RawVariant(1, 1, 4096),
         ),
-        single_thread_sizes=(0, 1),
     )
 
 
@@ -266,38 +271,56 @@ def _raw_pass(model: EmotionModel, texts: Sequence[str], v: RawVariant, on_batch
         start = end
     seconds = time.perf_counter() - t0
     return {"threads": v.threads, "batch_size": v.batch_size, "max_tokens": v.max_tokens, "order": v.order,
-            "label": v.label, "texts": len(texts), "seconds": round(seconds, 4),
+            "spinning": v.spinning, "label": v.label, "texts": len(texts), "seconds": round(seconds, 4),
             "texts_per_s": round(len(texts) / seconds, 2), "calls": calls, "tokens": sum(lengths),
             "padded_tokens": padded}
 
 
 def bench_raw(model_name: str, texts: Sequence[str], plan: Plan, progress: Progress) -> dict:
-    models: dict[int, EmotionModel] = {}
+    models: dict[tuple[int, bool], EmotionModel] = {}
 
-    def model_for(threads: int) -> EmotionModel:
-        if threads not in models:
-            models[threads] = EmotionModel.load(model_name, threads=threads)
-            models[threads].encoder.embed(list(texts[:32]))  # warm-up: first runs allocate
-        return models[threads]
+    def model_for(v: RawVariant) -> EmotionModel:
+        key = (v.threads, v.spinning)
+        if key not in models:
+            model = EmotionModel.load(model_name, threads=v.threads)
+            if not v.spinning:
+                _no_spin_session(model, v.threads)
+            model.encoder.embed(list(texts[:32]))  # warm-up: first runs allocate
+            models[key] = model
+        return models[key]
 
     variants = list(plan.raw_variants)
-    total = len(variants) + len(plan.single_thread_sizes)
-    task = progress.task("1. raw model (tokenize + ONNX)", total * len(texts))
+    task = progress.task("1. raw model (tokenize + ONNX)", plan.rounds * len(variants) * len(texts))
+    for v in variants:
+        model_for(v)
+    runs: dict[RawVariant, list[dict]] = {v: [] for v in variants}
+    for _ in range(plan.rounds):  # interleaved, so a burst of load elsewhere does not sink one variant
+        for v in variants:
+            runs[v].append(_raw_pass(model_for(v), texts, v, lambda k: progress.update(task, advance=k)))
     results = []
     for v in variants:
-        results.append(_raw_pass(model_for(v.threads), texts, v, lambda k: progress.update(task, advance=k)))
-    best_multi = max(results, key=lambda r: r["texts_per_s"])
-    for size in plan.single_thread_sizes:
-        if size == 0:
-            v = RawVariant(1, best_multi["batch_size"], best_multi["max_tokens"])
-        else:
-            v = RawVariant(1, size, 4096)
-        results.append(_raw_pass(model_for(1), texts, v, lambda k: progress.update(task, advance=k)))
+        best_run = max(runs[v], key=lambda r: r["texts_per_s"])
+        results.append(dict(best_run, runs_texts_per_s=[r["texts_per_s"] for r in runs[v]]))
     best = max(results, key=lambda r: r["texts_per_s"])
     threads = {}
     for t in sorted({r["threads"] for r in results}):
-        threads[str(t)] = max(r["texts_per_s"] for r in results if r["threads"] == t and r["order"] == "length-sorted")
-    return {"variants": results, "best": best, "best_by_threads": threads}
+        threads[str(t)] = max(r["texts_per_s"] for r in results
+                              if r["threads"] == t and r["order"] == "length-sorted" and r["spinning"])
+    return {"variants": results, "best": best, "best_by_threads": threads, "rounds": plan.rounds}
+
+
+def _no_spin_session(model: EmotionModel, threads: int) -> None:
+    """Replace the backbone session by one whose intra-op threads sleep instead of spin-waiting."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    enc = model.encoder
+    enc.session = ort.InferenceSession(str(enc.spec.onnx), sess_options=opts,
+                                       providers=enc.session.get_providers())
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,29 +362,39 @@ def bench_pipeline(model: EmotionModel, settings: Settings, texts: Sequence[str]
     msgs = raw_messages(texts, "pipe")
     Enricher(model, settings)(msgs[: settings.batch_max])  # warm-up
     budgets = [settings.batch_max_tokens] + [b for b in plan.token_budgets if b != settings.batch_max_tokens]
-    task = progress.task("2. pipeline (Enricher, no Kafka)", len(budgets) * len(msgs))
-    variants = []
-    for budget in budgets:
-        s = settings.model_copy(update={"batch_max_tokens": budget})
-        result, _ = _pipeline_pass(model, s, msgs, 0, lambda k: progress.update(task, advance=k))
-        variants.append(result)
+    task = progress.task("2. pipeline (Enricher, no Kafka)", plan.rounds * len(budgets) * len(msgs))
+    runs: dict[int, list[dict]] = {b: [] for b in budgets}
+    for _ in range(plan.rounds):
+        for budget in budgets:
+            s = settings.model_copy(update={"batch_max_tokens": budget})
+            result, _ = _pipeline_pass(model, s, msgs, 0, lambda k: progress.update(task, advance=k))
+            runs[budget].append(result)
+    variants = [dict(max(runs[b], key=lambda r: r["texts_per_s"]), runs_texts_per_s=[r["texts_per_s"] for r in runs[b]])
+                for b in budgets]
     best = max(variants, key=lambda r: r["texts_per_s"])
     return {"texts_per_s": best["texts_per_s"], "configured": variants[0], "best": best, "variants": variants,
-            "tuned_batch_max_tokens": best["batch_max_tokens"], "inference_threads": settings.inference_threads}
+            "tuned_batch_max_tokens": best["batch_max_tokens"], "inference_threads": settings.inference_threads,
+            "rounds": plan.rounds}
 
 
 def bench_cache(model: EmotionModel, settings: Settings, texts: Sequence[str], plan: Plan, progress: Progress,
                 seed: int = 0) -> dict:
     stream = duplicate_stream(texts, plan.duplicate_fraction, seed)
     msgs = raw_messages(stream, "dup")
-    task = progress.task(f"2b. pipeline, ~{plan.duplicate_fraction:.0%} duplicates, cache off/on", 2 * len(msgs))
-    off, _ = _pipeline_pass(model, settings, msgs, 0, lambda k: progress.update(task, advance=k))
-    on, enricher = _pipeline_pass(model, settings, msgs, plan.cache_size, lambda k: progress.update(task, advance=k))
-    stats = enricher.cache_stats()
+    task = progress.task(f"2b. pipeline, ~{plan.duplicate_fraction:.0%} duplicates, cache off/on",
+                         2 * plan.rounds * len(msgs))
+    runs: dict[str, list[tuple[dict, Enricher]]] = {"off": [], "on": []}
+    for _ in range(plan.rounds):  # off, on, off, on: each keeps its best run
+        for name, size in (("off", 0), ("on", plan.cache_size)):
+            runs[name].append(_pipeline_pass(model, settings, msgs, size, lambda k: progress.update(task, advance=k)))
+    best = {name: max(r, key=lambda x: x[0]["texts_per_s"]) for name, r in runs.items()}
+    off = dict(best["off"][0], runs_texts_per_s=[r["texts_per_s"] for r, _ in runs["off"]])
+    on = dict(best["on"][0], runs_texts_per_s=[r["texts_per_s"] for r, _ in runs["on"]])
+    stats = best["on"][1].cache_stats()
     return {"texts": len(msgs), "duplicate_fraction_target": plan.duplicate_fraction,
             "repeat_fraction": round(repeat_fraction(stream), 4), "cache_size": plan.cache_size,
             "off": off, "on": on, "hit_rate": round(stats["hit_rate"], 4), "stats": stats,
-            "speedup": round(on["texts_per_s"] / off["texts_per_s"], 3)}
+            "speedup": round(on["texts_per_s"] / off["texts_per_s"], 3), "rounds": plan.rounds}
 
 
 def batch_inference_time(model: EmotionModel, settings: Settings, texts: Sequence[str], size: int,
@@ -541,7 +574,11 @@ class CpuMeter:
         self._c0 = self._sample()
 
     def _sample(self) -> dict[str, float]:
-        out = {}
+        import psutil
+
+        t = psutil.cpu_times()
+        out = {"machine": t.user + t.system + getattr(t, "nice", 0.0) + getattr(t, "irq", 0.0)
+               + getattr(t, "softirq", 0.0)}
         for name, group in self._groups.items():
             total = 0.0
             for proc in group:
@@ -554,9 +591,13 @@ class CpuMeter:
         return out
 
     def cores(self) -> dict[str, float]:
+        """Cores busy on average: per group, ``other`` (every other process on the machine) and ``wall_s``."""
         wall = time.monotonic() - self._t0
         now = self._sample()
-        return {name: round((now[name] - self._c0[name]) / wall, 2) for name in now} | {"wall_s": round(wall, 2)}
+        used = {name: (now[name] - self._c0[name]) / wall for name in now}
+        machine = used.pop("machine")
+        used["other"] = max(0.0, machine - sum(used.values()))
+        return {name: round(v, 2) for name, v in used.items()} | {"wall_s": round(wall, 2)}
 
 
 @contextmanager
@@ -597,7 +638,7 @@ class Collector:
 
         s = self.settings
         self._consumer = AIOKafkaConsumer(s.output_topic, s.dlq_topic, group_id=None, auto_offset_reset="earliest",
-                                          enable_auto_commit=False, fetch_max_wait_ms=100, **client_kwargs(s))
+                                          enable_auto_commit=False, fetch_max_wait_ms=20, **client_kwargs(s))
         await self._consumer.start()
         self._task = asyncio.create_task(self._run())
 
@@ -845,6 +886,10 @@ def run_bench(options: BenchOptions) -> dict:
                 if "scaling" in stages:
                     results["scaling"] = _scaling(broker, wsettings, texts, plan, progress, out, results)
     results["meta"]["duration_s"] = round(time.time() - started, 1)
+    try:
+        results["meta"]["host"]["load_average_at_end"] = os.getloadavg()
+    except OSError:
+        pass
     results["targets"] = bench_report.evaluate_targets(results)
     bench_report.write_all(results, out)
     return results
@@ -853,34 +898,34 @@ def run_bench(options: BenchOptions) -> dict:
 def _end_to_end(broker, settings: Settings, texts, plan: Plan, progress: Progress, out: Path,
                 get_model: Callable[[], EmotionModel]) -> dict:
     e2e = bench_worker(broker, settings, texts, plan, progress, out, name="e2e", cmd=WORKER_CMD, open_loop=True)
-    ol = e2e["open_loop"]
-    size = max(1, round(ol["batches"]["mean_size"]))
-    t_batch = batch_inference_time(get_model(), settings, texts, size, plan.t_batch_repeats)
-    window = settings.batch_window_ms
-    e2e["latency_budget"] = {
-        "batch_size_at_half_rate": size, "batch_inference_ms": round(1000 * t_batch, 2),
-        "batch_window_ms": window, "p99_bound_ms": round(window + 2000 * t_batch, 2),
-    }
+    _latency_budget(e2e, settings, texts, plan, get_model)
     if plan.fetch_wait_diagnostic_ms:
         # Diagnostic: the same worker with its consumer's fetch wait cut from faust's fixed 1500 ms.
         ms = plan.fetch_wait_diagnostic_ms
         diag = bench_worker(broker, settings, texts, plan, progress, out, name=f"e2e-fetch-wait-{ms}ms",
-                            cmd=patched_worker_cmd(ms), flat=False, open_loop=True,
-                            open_loop_rate=ol["rate_per_s"])
-        e2e["open_loop_fetch_wait_diagnostic"] = {"fetch_max_wait_ms": ms, **diag["open_loop"],
-                                                  "max_peak_rss_mb": diag["max_peak_rss_mb"]}
+                            cmd=patched_worker_cmd(ms), open_loop=True)
+        _latency_budget(diag, settings, texts, plan, get_model)
+        e2e["fetch_wait_diagnostic"] = {"fetch_max_wait_ms": ms, **diag}
     return e2e
+
+
+def _latency_budget(case: dict, settings: Settings, texts, plan: Plan, get_model) -> None:
+    """p99 bound at half rate: batch window + 2 × in-process time of the batch the worker formed then."""
+    size = max(1, round(case["open_loop"]["batches"]["mean_size"]))
+    t_batch = batch_inference_time(get_model(), settings, texts, size, plan.t_batch_repeats)
+    window = settings.batch_window_ms
+    case["latency_budget"] = {
+        "batch_size_at_half_rate": size, "batch_inference_ms": round(1000 * t_batch, 2),
+        "batch_window_ms": window, "p99_bound_ms": round(window + 2000 * t_batch, 2),
+    }
 
 
 def _scaling(broker, settings: Settings, texts, plan: Plan, progress: Progress, out: Path,
              results: dict) -> dict:
     if not plan.scaling:
         return {"skipped": "--quick"}
-    cores = os.cpu_count() or 1
     e2e = results.get("end_to_end", {})
-    same = e2e.get("flat_out") and (settings.inference_threads == MULTI_THREADS
-                                     or (settings.inference_threads == 0 and cores == MULTI_THREADS))
-    if same:
+    if e2e.get("flat_out") and settings.inference_threads == MULTI_THREADS:
         one = dict(e2e, reused="the end-to-end flat-out run (same configuration)")
     else:
         one = bench_worker(broker, settings, texts, plan, progress, out, name="one-worker-2-threads",
@@ -914,7 +959,8 @@ def _meta(settings: Settings, data: Path, texts: Sequence[str], plan: Plan, opti
         "model": settings.model,
         "settings": {k: getattr(settings, k) for k in ("batch_max", "batch_window_ms", "batch_max_tokens",
                                                         "inference_threads", "partitions", "providers")},
-        "plan": {"raw_variants": [v.label for v in plan.raw_variants], "open_loop_s": plan.open_loop_s,
+        "plan": {"raw_variants": [v.label for v in plan.raw_variants], "rounds": plan.rounds,
+                 "token_budgets": list(plan.token_budgets), "open_loop_s": plan.open_loop_s,
                  "cache_size": plan.cache_size, "duplicate_fraction": plan.duplicate_fraction,
                  "warmup": plan.warmup},
     }

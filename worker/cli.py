@@ -234,6 +234,44 @@ def bench(
     typer.echo(f"wrote {out / 'bench.json'} and {out / 'bench.md'}", err=True)
 
 
+@cli.command("eval")
+def eval_cmd(
+    data: Path = typer.Option(..., "--data", exists=True, dir_okay=False, help="GoEmotions-style .tsv (text, label ids)."),
+    head: str = typer.Option("go_emotions", "--head", help="Head to score (go_emotions, ekman, sentiment, ...)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model manifest name or path (default: the model setting's default)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write per-label F1 bars to this PNG."),
+) -> None:
+    """Per-label and macro/weighted precision, recall and F1 of a head on labelled data."""
+    from emostream.models.evaluate import EvalError, dumps, evaluate, format_table
+    from emostream.models.evaluate import plot as plot_report
+    from emostream.models.manifest import ManifestError
+
+    setup_logging("warning")
+    try:
+        rep = evaluate(data, head=head, model=model)
+    except (EvalError, ManifestError, ValueError) as exc:
+        typer.echo(f"eval failed: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(dumps(rep) if as_json else format_table(rep))
+    if plot:
+        typer.echo(f"wrote {plot_report(rep, plot)}", err=True)
+
+
+@cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(ctx: typer.Context) -> None:
+    """Fine-tune the backbone with the emotion heads (needs the `train` extra: torch).
+
+    Options are those of `python -m emostream.models.training.finetune` (see `emostream train --help-train`)."""
+    try:
+        from emostream.models.training.finetune import main as finetune_main
+    except ImportError as exc:
+        typer.echo(f"training needs the train extra (pip install 'emostream[train]'): {exc}", err=True)
+        raise typer.Exit(1) from exc
+    args = ["--help" if a == "--help-train" else a for a in ctx.args]
+    raise typer.Exit(finetune_main(args))
+
+
 def main() -> None:
     cli()
 

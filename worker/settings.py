@@ -79,6 +79,12 @@ class Settings(BaseModel):
         description="Records held in memory ahead of the agent; beyond it the fetcher pauses (backpressure).",
         json_schema_extra={"group": "kafka"},
     )
+    fetch_max_wait_ms: int = Field(
+        100, ge=1, le=60_000,
+        description="Longest a consumer fetch waits for data (faust fixes 1500 ms; brokers that hold the "
+        "fetch, like the embedded one, add up to this to latency at low rates).",
+        json_schema_extra={"group": "kafka"},
+    )
     publish_timeout_s: float = Field(
         30.0, gt=0, description="How long one publish may wait for the broker's acknowledgement.",
         json_schema_extra={"group": "kafka"},
@@ -101,7 +107,7 @@ class Settings(BaseModel):
         json_schema_extra={"group": "batching"},
     )
     batch_max_tokens: int = Field(
-        4096, ge=16,
+        512, ge=16,
         description="Padded-token budget of one inference call; a batch is split into length-sorted "
         "sub-batches that fit it.",
         json_schema_extra={"group": "batching"},
@@ -153,7 +159,7 @@ class Settings(BaseModel):
     )
 
     cache_size: int = Field(
-        0, ge=0,
+        10_000, ge=0,
         description="Recent distinct texts whose results are kept (duplicate posts skip inference); 0 = off.",
         json_schema_extra={"group": "model"},
     )
