@@ -13,8 +13,9 @@ Every stage runs on the same texts (GoEmotions dev by default) and returns a pla
 3. :func:`bench_worker` — the embedded broker and real worker processes: warm-up, then N records
    flat out (throughput), then open loop at half that rate (latency per record: the ``sent_at``
    carried in the record → the moment the bench's consumer sees the output), with the worker's
-   peak RSS polled throughout. A diagnostic run repeats it with the consumer's fetch wait cut
-   (see :func:`_run_patched_worker`).
+   peak RSS polled throughout. The worker runs with its result cache off (the bench repeats its
+   own texts across phases; the cache is measured in-process) and, for comparison, once more
+   with the consumer fetch wait at faust's fixed 1500 ms (``EMOSTREAM_FETCH_MAX_WAIT_MS``).
 4. the same with the naive per-message agent (``emostream.worker.naive_agent``), and with two
    single-threaded workers in one consumer group against one worker with two threads.
 
@@ -107,7 +108,7 @@ class Plan:
     scaling: bool = True
     t_batch_repeats: int = 15
     token_budgets: tuple[int, ...] = (1024, 512, 256)  # pipeline sweep, besides the configured one
-    fetch_wait_diagnostic_ms: int | None = 100  # an extra worker run with a patched consumer fetch wait
+    fetch_wait_compare_ms: int | None = 1500  # an extra worker run at this consumer fetch wait (faust's own)
 
 
 def make_plan(quick: bool, n: int | None) -> Plan:
@@ -117,7 +118,7 @@ def make_plan(quick: bool, n: int | None) -> Plan:
             n=n or 150,
             raw_variants=(RawVariant(T, 1, 4096), RawVariant(T, 64, 4096), RawVariant(1, 64, 4096)),
             rounds=1, cache_size=2_000, open_loop_s=4.0, open_loop_min=40, warmup=16, scaling=False,
-            t_batch_repeats=5, token_budgets=(512,), fetch_wait_diagnostic_ms=None,
+            t_batch_repeats=5, token_budgets=(512,), fetch_wait_compare_ms=None,
         )
     return Plan(
         n=n or 1000,
@@ -436,62 +437,6 @@ def _env_for_one(settings: Settings) -> dict[str, str]:
     ports = {name: free_port() for name in type(settings).model_fields
              if name.endswith("_port") and getattr(settings, name)}
     return worker_env(settings.model_copy(update=ports))
-
-
-def patched_worker_cmd(fetch_wait_ms: int | None = None, spinning: bool = True) -> list[str]:
-    cmd = [sys.executable, "-m", "emostream.worker.bench", "patched-worker"]
-    if fetch_wait_ms is not None:
-        cmd += ["--fetch-wait-ms", str(fetch_wait_ms)]
-    if not spinning:
-        cmd.append("--no-spin")
-    return cmd
-
-
-def _run_patched_worker(argv: Sequence[str]) -> None:
-    """``emostream worker`` with diagnostic patches, to show what a lever would be worth before
-    anyone changes the worker for it:
-
-    ``--fetch-wait-ms MS``: every aiokafka consumer's ``fetch_max_wait_ms`` (faust fixes it at
-    1500 ms). Real Kafka answers a waiting fetch as soon as data arrives, so the value costs
-    nothing there; the embedded Tansu broker holds the fetch instead, adding up to that wait to
-    a record's latency.
-
-    ``--no-spin``: ONNX Runtime's intra-op threads do not spin-wait between runs
-    (``session.intra_op.allow_spinning=0``), leaving the cores to the event loop and the broker.
-    """
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m emostream.worker.bench patched-worker")
-    parser.add_argument("--fetch-wait-ms", type=int)
-    parser.add_argument("--no-spin", action="store_true")
-    args = parser.parse_args(argv)
-    if args.fetch_wait_ms is not None:
-        import aiokafka
-
-        base = aiokafka.AIOKafkaConsumer
-        ms = args.fetch_wait_ms
-
-        class ShortFetchWaitConsumer(base):  # type: ignore[misc, valid-type]
-            def __init__(self, *a, **kw):
-                kw["fetch_max_wait_ms"] = ms
-                super().__init__(*a, **kw)
-
-        aiokafka.AIOKafkaConsumer = ShortFetchWaitConsumer
-    if args.no_spin:
-        import onnxruntime as ort
-
-        base_opts = ort.SessionOptions
-
-        def no_spin_options():
-            opts = base_opts()
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            return opts
-
-        ort.SessionOptions = no_spin_options
-    from .cli import main
-
-    sys.argv = [sys.argv[0], "worker"]
-    main()
 
 
 class RssMonitor(threading.Thread):
@@ -868,12 +813,16 @@ def run_bench(options: BenchOptions) -> dict:
             # Lever kept: the broker stages run with the best padded-token budget, unless it was set.
             if env_name("batch_max_tokens") not in os.environ:
                 settings = settings.model_copy(update={"batch_max_tokens": results["pipeline"]["tuned_batch_max_tokens"]})
-        results["meta"]["worker_settings"] = {"batch_max_tokens": settings.batch_max_tokens,
-                                              "session_timeout_s": min(settings.session_timeout_s, 10.0)}
+        results["meta"]["worker_settings"] = {
+            "batch_max_tokens": settings.batch_max_tokens, "session_timeout_s": min(settings.session_timeout_s, 10.0),
+            "cache_size": 0, "fetch_max_wait_ms": getattr(settings, "fetch_max_wait_ms", None)}
         if "cache" in stages:
             results["cache"] = bench_cache(get_model(), settings, texts, plan, progress, options.seed)
         # A shorter session timeout only makes the group join faster on the embedded broker.
-        wsettings = settings.model_copy(update={"session_timeout_s": min(settings.session_timeout_s, 10.0)})
+        wupdate = {"session_timeout_s": min(settings.session_timeout_s, 10.0)}
+        if "cache_size" in type(settings).model_fields:
+            wupdate["cache_size"] = 0  # the bench repeats its texts across phases: every record must be inferred
+        wsettings = settings.model_copy(update=wupdate)
         if stages & {"end_to_end", "naive", "scaling"}:
             from .broker import EmbeddedBroker
 
@@ -899,13 +848,14 @@ def _end_to_end(broker, settings: Settings, texts, plan: Plan, progress: Progres
                 get_model: Callable[[], EmotionModel]) -> dict:
     e2e = bench_worker(broker, settings, texts, plan, progress, out, name="e2e", cmd=WORKER_CMD, open_loop=True)
     _latency_budget(e2e, settings, texts, plan, get_model)
-    if plan.fetch_wait_diagnostic_ms:
-        # Diagnostic: the same worker with its consumer's fetch wait cut from faust's fixed 1500 ms.
-        ms = plan.fetch_wait_diagnostic_ms
-        diag = bench_worker(broker, settings, texts, plan, progress, out, name=f"e2e-fetch-wait-{ms}ms",
-                            cmd=patched_worker_cmd(ms), open_loop=True)
-        _latency_budget(diag, settings, texts, plan, get_model)
-        e2e["fetch_wait_diagnostic"] = {"fetch_max_wait_ms": ms, **diag}
+    ms = plan.fetch_wait_compare_ms
+    if ms and "fetch_max_wait_ms" in type(settings).model_fields and settings.fetch_max_wait_ms != ms:
+        # The same worker with the consumer fetch wait faust would use (Tansu holds a waiting fetch).
+        alt = settings.model_copy(update={"fetch_max_wait_ms": ms})
+        case = bench_worker(broker, alt, texts, plan, progress, out, name=f"e2e-fetch-wait-{ms}ms",
+                            cmd=WORKER_CMD, open_loop=True)
+        _latency_budget(case, alt, texts, plan, get_model)
+        e2e["fetch_wait_comparison"] = {"fetch_max_wait_ms": ms, **case}
     return e2e
 
 
@@ -965,10 +915,3 @@ def _meta(settings: Settings, data: Path, texts: Sequence[str], plan: Plan, opti
                  "warmup": plan.warmup},
     }
 
-
-if __name__ == "__main__":  # python -m emostream.worker.bench patched-worker [...] (used by the bench itself)
-    if len(sys.argv) >= 2 and sys.argv[1] == "patched-worker":
-        _run_patched_worker(sys.argv[2:])
-    else:
-        sys.exit("usage: python -m emostream.worker.bench patched-worker [--fetch-wait-ms MS] [--no-spin]\n"
-                 "(the benchmark itself is `emostream bench`)")
