@@ -118,15 +118,9 @@ def set_fetch_max_wait(ms: int) -> None:
     aiokafka.AIOKafkaConsumer = Consumer
 
 
-def create_app(settings: Settings, enricher: Enricher, exit_request: ExitRequest | None = None,
-               metrics: Metrics | None = None, health: HealthServer | None = None, reloader=None,
-               datadir: str | None = None) -> faust.App:
-    """The faust app around one Enricher; metrics, health and reloading are optional collaborators."""
-    exit_request = exit_request or ExitRequest()
-    metrics = metrics or Metrics()
-    set_fetch_max_wait(settings.fetch_max_wait_ms)
-    app = faust.App(
-        settings.group_id,
+def faust_config(settings: Settings, datadir: str | None = None) -> dict:
+    """faust.App keyword arguments for a stateless, at-least-once worker (shared with the naive agent)."""
+    return dict(
         broker=settings.broker,
         broker_credentials=broker_credentials(settings),
         key_serializer="raw",
@@ -146,8 +140,17 @@ def create_app(settings: Settings, enricher: Enricher, exit_request: ExitRequest
         stream_buffer_maxsize=settings.buffer_max,
         processing_guarantee="at_least_once",
         web_enabled=False,
-        agent_supervisor=CrashingSupervisor,
     )
+
+
+def create_app(settings: Settings, enricher: Enricher, exit_request: ExitRequest | None = None,
+               metrics: Metrics | None = None, health: HealthServer | None = None, reloader=None,
+               datadir: str | None = None) -> faust.App:
+    """The faust app around one Enricher; metrics, health and reloading are optional collaborators."""
+    exit_request = exit_request or ExitRequest()
+    metrics = metrics or Metrics()
+    set_fetch_max_wait(settings.fetch_max_wait_ms)
+    app = faust.App(settings.group_id, **faust_config(settings, datadir), agent_supervisor=CrashingSupervisor)
     source = app.topic(settings.input_topic, key_type=bytes, value_type=bytes,
                        key_serializer="raw", value_serializer="raw")
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emostream-infer")

@@ -18,43 +18,22 @@ Run with the same ``EMOSTREAM_*`` variables as the worker::
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
-import time
 
 import faust
 
-from emostream.models.model import EmotionModel
-
-from .app import broker_credentials
+from .app import faust_config
 from .batching import to_raw
-from .kafka_io import ensure_topics
 from .pipeline import Enricher
+from .runner import load_model, wait_for_broker
 from .settings import Settings
 
 log = logging.getLogger("emostream.naive")
 
 
 def create_naive_app(settings: Settings, enricher: Enricher) -> faust.App:
-    app = faust.App(
-        settings.group_id,
-        broker=settings.broker,
-        broker_credentials=broker_credentials(settings),
-        key_serializer="raw",
-        value_serializer="raw",
-        store="memory://",
-        topic_partitions=settings.partitions,
-        topic_replication_factor=settings.replication_factor,
-        topic_disable_leader=True,
-        broker_session_timeout=settings.session_timeout_s,
-        broker_heartbeat_interval=min(3.0, settings.session_timeout_s / 3),
-        broker_commit_interval=settings.commit_interval_s,
-        consumer_auto_offset_reset="earliest",
-        producer_acks=-1,
-        processing_guarantee="at_least_once",
-        web_enabled=False,
-    )
+    app = faust.App(settings.group_id, **faust_config(settings))
     raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
     source = app.topic(settings.input_topic, **raw)
     output = app.topic(settings.output_topic, **raw)
@@ -72,26 +51,12 @@ def create_naive_app(settings: Settings, enricher: Enricher) -> faust.App:
     return app
 
 
-def _create_topics(settings: Settings, wait_s: float = 60.0) -> bool:
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            asyncio.run(ensure_topics(settings, [settings.input_topic, settings.output_topic, settings.dlq_topic]))
-            return True
-        except Exception as exc:  # noqa: BLE001 - broker not answering yet
-            if time.monotonic() > deadline:
-                log.error("broker %s unreachable: %r", settings.broker, exc)
-                return False
-            time.sleep(0.5)
-
-
 def main() -> int:
     settings = Settings.from_env()
     logging.basicConfig(level=settings.log_level.upper(),
                         format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s")
-    providers = [p.strip() for p in settings.providers.split(",") if p.strip()]
-    model = EmotionModel.load(settings.model, threads=settings.inference_threads, providers=providers)
-    if not _create_topics(settings):
+    model = load_model(settings)
+    if not wait_for_broker(settings):
         return 2
     app = create_naive_app(settings, Enricher(model, settings))
     log.warning("emostream naive agent: %s -> %s, group %s, one inference per record",
