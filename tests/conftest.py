@@ -76,10 +76,10 @@ class Topics:
 
 
 class WorkerProcess:
-    def __init__(self, env: dict[str, str], log_path: Path):
+    def __init__(self, env: dict[str, str], log_path: Path, module_args=("emostream.worker.cli", "worker")):
         self.log_path = log_path
         self.log = open(log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "emostream.worker.cli", "worker"], env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", *module_args], env=env,
                                      stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 30.0) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 
@@ -19,7 +18,7 @@ from emostream.worker.decode import RawMessage
 from emostream.worker.pipeline import Enricher
 from emostream.worker.settings import Settings
 
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES, ROOT, WorkerProcess
 from tiny_model import write_manifest
 
 DEV = FIXTURES / "go_emotions_small" / "dev.tsv"
@@ -180,29 +179,20 @@ def test_cache_is_off_by_default(tiny):
 # --- through the broker ------------------------------------------------------------------------
 @pytest.mark.broker
 def test_naive_agent_one_output_per_record(topics, tmp_path):
-    log = open(tmp_path / "naive.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "emostream.worker.naive_agent"], env=topics.env(),
-                            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    agent = WorkerProcess(topics.env(), tmp_path / "naive.log", module_args=("emostream.worker.naive_agent",))
     try:
         n = 30
         values = [orjson.dumps({"id": f"n{i}", "text": f"I feel fine, number {i}", "seq": i}) for i in range(n)]
         topics.produce(values, keys=[f"k{i}".encode() for i in range(n)])
         recs = topics.consume(topics.settings.output_topic, n, timeout=120)
-        assert len(recs) == n, (tmp_path / "naive.log").read_text()[-3000:]
+        assert len(recs) == n, agent.output()[-3000:]
         outs = [orjson.loads(r.value) for r in recs]
         assert sorted(o["id"] for o in outs) == sorted(f"n{i}" for i in range(n))
         assert all(r.key == f"k{o['seq']}".encode() for r, o in zip(recs, outs))
         assert all(len(o["emotions"]["go_emotions"]["scores"]) == 28 for o in outs)
         assert len(topics.consume(topics.settings.output_topic, n + 1, timeout=3)) == n  # nothing extra
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log.close()
+        agent.stop()
 
 
 @pytest.mark.broker
