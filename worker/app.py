@@ -29,6 +29,7 @@ from .health import HealthServer
 from .metrics import Metrics
 from .pipeline import BatchResult, Enricher, Outgoing
 from .settings import Settings
+from .transactions import TransactionalPublisher, producer_factory
 
 log = logging.getLogger("emostream.worker")
 
@@ -97,12 +98,14 @@ async def broker_reachable(servers: Sequence[str], timeout: float = 2.0) -> bool
     return False
 
 
-def set_fetch_max_wait(ms: int) -> None:
-    """Make faust's consumers use ``fetch_max_wait_ms=ms`` in this process.
+def set_fetch_max_wait(ms: int, read_committed: bool = False) -> None:
+    """Make faust's consumers use ``fetch_max_wait_ms=ms`` (and read_committed) in this process.
 
     faust-streaming hard-codes 1500 ms when it builds its aiokafka consumer. Real Kafka answers a
     waiting fetch as soon as data arrives, but a broker that holds the fetch (Tansu) adds up to that
     wait to a record's latency; `emostream bench` measured p99 ≈ 1.1 s at half capacity with it.
+    faust also sets the isolation level from its own processing guarantee, which we do not use
+    for exactly-once (see transactions.py).
     """
     import aiokafka
 
@@ -113,6 +116,8 @@ def set_fetch_max_wait(ms: int) -> None:
 
         def __init__(self, *args, **kwargs):
             kwargs["fetch_max_wait_ms"] = ms
+            if read_committed:
+                kwargs["isolation_level"] = "read_committed"
             super().__init__(*args, **kwargs)
 
     aiokafka.AIOKafkaConsumer = Consumer
@@ -145,25 +150,36 @@ def faust_config(settings: Settings, datadir: str | None = None) -> dict:
 
 def create_app(settings: Settings, enricher: Enricher, exit_request: ExitRequest | None = None,
                metrics: Metrics | None = None, health: HealthServer | None = None, reloader=None,
-               datadir: str | None = None) -> faust.App:
+               datadir: str | None = None, transactional_publisher=None) -> faust.App:
     """The faust app around one Enricher; metrics, health and reloading are optional collaborators."""
     exit_request = exit_request or ExitRequest()
     metrics = metrics or Metrics()
-    set_fetch_max_wait(settings.fetch_max_wait_ms)
+    exactly_once = settings.delivery == "exactly_once"
+    set_fetch_max_wait(settings.fetch_max_wait_ms, read_committed=exactly_once)
     app = faust.App(settings.group_id, **faust_config(settings, datadir), agent_supervisor=CrashingSupervisor)
     source = app.topic(settings.input_topic, key_type=bytes, value_type=bytes,
                        key_serializer="raw", value_serializer="raw")
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emostream-infer")
     app.emostream_executor = executor  # type: ignore[attr-defined]
     broker_down_since: list[float | None] = [None]
+    txn = None
+    if exactly_once:
+        txn = transactional_publisher or TransactionalPublisher(
+            producer_factory(settings), settings.group_id, settings.output_topic, settings.dlq_topic,
+            settings.alerts_topic)
+    app.emostream_transactions = txn  # type: ignore[attr-defined]
 
-    async def publish(result: BatchResult) -> None:
+    async def publish(batch, result: BatchResult) -> None:
         """Publish a batch's records; retry or exit on failure, never return without publishing."""
         delay = 0.5
+        done: set = set()  # exactly_once: partitions whose transaction already committed
         while True:
             try:
                 if settings.fault_publish_delay_ms:
                     await asyncio.sleep(settings.fault_publish_delay_ms / 1000)
+                if txn is not None:
+                    await txn.publish(batch, result, done)
+                    return
                 await send_all(app.producer, settings.output_topic, result.outputs)
                 await send_all(app.producer, settings.dlq_topic, result.dead_letters)
                 await send_all(app.producer, settings.alerts_topic, result.alerts)
@@ -176,7 +192,7 @@ def create_app(settings: Settings, enricher: Enricher, exit_request: ExitRequest
                     exit_request(EXIT_PUBLISH_FAILED, f"publishing a batch of {result.size} failed: {exc!r}")
                     await asyncio.Event().wait()  # never ack this batch; shutdown cancels us
                 log.error("publishing a batch of %d failed (%r); retrying in %.1f s — nothing is committed "
-                          "until it succeeds (records already sent may be duplicated)", result.size, exc, delay)
+                          "until it succeeds (at_least_once: records already sent may be duplicated)", result.size, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
@@ -187,7 +203,7 @@ def create_app(settings: Settings, enricher: Enricher, exit_request: ExitRequest
         async for batch in batches(stream, settings.batch_max, settings.batch_window_s):
             batch_id += 1
             result: BatchResult = await loop.run_in_executor(executor, enricher, batch)
-            await publish(result)
+            await publish(batch, result)
             metrics.observe_batch(result, time.time())
             if enricher.cache is not None:
                 metrics.sync_cache(enricher.cache_stats())
@@ -222,6 +238,17 @@ def create_app(settings: Settings, enricher: Enricher, exit_request: ExitRequest
     async def _revoked(sender, revoked, **kwargs) -> None:
         if health is not None:
             health.set_partitions(0)
+        if txn is not None:
+            await txn.on_revoked(revoked)
+
+    if txn is not None:
+        @app.on_partitions_assigned.connect
+        async def _assigned(sender, assigned, **kwargs) -> None:
+            await txn.on_assigned(assigned)
+
+        @app.on_before_shutdown.connect
+        async def _stop_transactions(sender, **kwargs) -> None:
+            await txn.stop()
 
     if reloader is not None:
         @app.task

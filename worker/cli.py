@@ -151,6 +151,8 @@ def consume(
     topic: Optional[str] = typer.Argument(None, help="Topic (default: the output topic)."),
     max_records: Optional[int] = typer.Option(None, "--max", "-n", help="Stop after N records."),
     timeout: float = typer.Option(10.0, "--timeout", "-t", help="Stop after S seconds with nothing new."),
+    read_committed: bool = typer.Option(False, "--read-committed",
+                                        help="Skip aborted transactions (for workers with delivery=exactly_once)."),
     settings: Settings = None,
 ) -> None:
     """Print a topic's records as JSON lines on stdout (from the beginning)."""
@@ -160,7 +162,7 @@ def consume(
 
     async def run() -> int:
         n = 0
-        async for rec in consume_records(settings, [topic], max_records, timeout):
+        async for rec in consume_records(settings, [topic], max_records, timeout, read_committed=read_committed):
             sys.stdout.buffer.write((rec.value or b"null") + b"\n")
             n += 1
         sys.stdout.flush()

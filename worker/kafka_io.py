@@ -67,11 +67,12 @@ async def produce(settings: Settings, topic: str, records: Iterable[tuple[bytes 
 
 async def consume(settings: Settings, topics: list[str], max_records: int | None = None,
                   timeout_s: float | None = 10.0, group_id: str | None = None,
-                  from_beginning: bool = True) -> AsyncIterator:
+                  from_beginning: bool = True, read_committed: bool = False) -> AsyncIterator:
     """Yield ConsumerRecords until max_records are read or nothing arrives for timeout_s."""
     consumer = AIOKafkaConsumer(
         *topics, group_id=group_id, auto_offset_reset="earliest" if from_beginning else "latest",
-        enable_auto_commit=group_id is not None, **client_kwargs(settings),
+        enable_auto_commit=group_id is not None,
+        isolation_level="read_committed" if read_committed else "read_uncommitted", **client_kwargs(settings),
     )
     await consumer.start()
     try:

@@ -21,6 +21,7 @@ from .metrics import Metrics
 from .pipeline import Enricher
 from .reload import Reloader
 from .settings import Settings
+from .transactions import TransactionsUnsupported, probe, producer_factory
 
 log = logging.getLogger("emostream.worker")
 
@@ -49,6 +50,19 @@ def wait_for_broker(settings: Settings) -> bool:
                         type(exc).__name__, delay)
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+def transactions_available(settings: Settings) -> bool:
+    """delivery=exactly_once: refuse to start (rather than silently degrade) on a broker without transactions."""
+    try:
+        asyncio.run(probe(producer_factory(settings), f"{settings.group_id}-probe"))
+    except TransactionsUnsupported as exc:
+        log.error("delivery=exactly_once needs a broker with transactions (Kafka >= 2.5); %s refused a "
+                  "transactional producer (%s). The embedded broker has none: use delivery=at_least_once "
+                  "with it.", settings.broker, exc)
+        return False
+    log.info("delivery=exactly_once: broker %s supports transactions", settings.broker)
+    return True
 
 
 def heads_of(model) -> dict[str, list[str]]:
@@ -93,6 +107,8 @@ def run_worker(settings: Settings) -> int:
         log.warning("fault injection on: inference fails for texts containing %r", settings.fault_fail_text)
         wrap = (lambda m: FailOnMarker(m, settings.fault_fail_text))
     if not wait_for_broker(settings):
+        return 2
+    if settings.delivery == "exactly_once" and not transactions_available(settings):
         return 2
     enricher = Enricher(wrap(model), settings, cache_size=settings.cache_size, rules=rules)
     reloader = Reloader(model, settings.model, settings.reload_poll_s, wrap=wrap,

@@ -95,6 +95,13 @@ class Settings(BaseModel):
         "batch is published); `exit` exits with code 3 after `broker_loss_exit_s`.",
         json_schema_extra={"group": "kafka"},
     )
+    delivery: Literal["at_least_once", "exactly_once"] = Field(
+        "at_least_once",
+        description="`at_least_once` (any broker; a crash may repeat records, same id) or `exactly_once` "
+        "(real Kafka ≥ 2.5 only: each partition's records and its input offset commit in one transaction; "
+        "read outputs with isolation_level=read_committed). The embedded broker has no transactions.",
+        json_schema_extra={"group": "kafka"},
+    )
     broker_loss_exit_s: float = Field(
         60.0, gt=0, description="With on_broker_loss=exit: how long the broker may be unreachable before exiting.",
         json_schema_extra={"group": "kafka"},

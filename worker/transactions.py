@@ -1,0 +1,169 @@
+"""Exactly-once publishing for real Kafka (``delivery=exactly_once``).
+
+The at-least-once worker publishes a batch, waits for the acks, then lets faust commit the input
+offsets — a crash between the two repeats the batch. Here the records of each input partition and
+that partition's next offset go into **one Kafka transaction** instead: either the enriched /
+dead-letter / alert records become visible *and* the input offset moves, or neither happens.
+Consumers of the output topics must read with ``isolation_level=read_committed``
+(``emostream consume --read-committed``).
+
+Zombie fencing is the classic one-producer-per-input-partition scheme: the transactional id is
+``{group}-{topic}-{partition}``, so when a partition moves to another worker, that worker's producer
+fences ours and a late commit from us fails with ``ProducerFenced`` — we then drop the partition's
+records instead of retrying (the new owner reprocesses them from the last committed offset).
+
+Needs brokers with transactions (Kafka ≥ 2.5); the embedded Tansu broker has none, so the worker
+refuses to start with this setting against it (``probe``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from typing import Callable, Iterable, Sequence
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import ProducerFenced
+from aiokafka.structs import TopicPartition
+
+from .decode import RawMessage
+from .kafka_io import client_kwargs
+from .pipeline import BatchResult, Outgoing
+from .settings import Settings
+
+log = logging.getLogger("emostream.worker")
+
+ProducerFactory = Callable[[str], AIOKafkaProducer]
+
+
+class TransactionsUnsupported(RuntimeError):
+    """The broker refused to start a transactional producer."""
+
+
+def producer_factory(settings: Settings) -> ProducerFactory:
+    """aiokafka transactional producers with the worker's connection and size settings."""
+
+    def make(transactional_id: str) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
+            transactional_id=transactional_id, enable_idempotence=True, acks="all",
+            request_timeout_ms=int(settings.publish_timeout_s * 1000),
+            max_request_size=max(1_048_576, 2 * settings.max_record_bytes),
+            **client_kwargs(settings),
+        )
+
+    return make
+
+
+async def probe(factory: ProducerFactory, transactional_id: str, timeout_s: float = 30.0) -> None:
+    """Start and stop one transactional producer; raise TransactionsUnsupported if the broker cannot."""
+    producer = factory(transactional_id)
+    try:
+        await asyncio.wait_for(producer.start(), timeout_s)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "no transactions"
+        raise TransactionsUnsupported(f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        try:
+            await asyncio.wait_for(producer.stop(), 5)
+        except Exception:  # noqa: BLE001 - stopping a producer that never started
+            pass
+
+
+class TransactionalPublisher:
+    """One transactional producer per assigned input partition; one transaction per partition per batch."""
+
+    def __init__(self, factory: ProducerFactory, group_id: str, output_topic: str, dlq_topic: str,
+                 alerts_topic: str):
+        self.factory = factory
+        self.group_id = group_id
+        self.topics = (output_topic, dlq_topic, alerts_topic)
+        self.producers: dict[TopicPartition, AIOKafkaProducer] = {}
+        self.fenced: set[TopicPartition] = set()
+
+    def transactional_id(self, tp: TopicPartition) -> str:
+        return f"{self.group_id}-{tp.topic}-{tp.partition}"
+
+    async def _producer(self, tp: TopicPartition) -> AIOKafkaProducer:
+        producer = self.producers.get(tp)
+        if producer is None:
+            producer = self.factory(self.transactional_id(tp))
+            await producer.start()  # init_transactions: fences any older producer with this id
+            self.producers[tp] = producer
+        return producer
+
+    async def publish(self, batch: Sequence[RawMessage], result: BatchResult,
+                      done: set[TopicPartition] | None = None) -> list[TopicPartition]:
+        """Commit each partition's records together with its next input offset.
+
+        Returns the partitions that were fenced (now owned by another worker) and therefore
+        skipped. Raises on any other failure, after aborting the open transaction. The caller
+        retries with the same ``done`` set: partitions committed by an earlier try are added to
+        it and not sent again.
+        """
+        done = set() if done is None else done
+        offsets: dict[TopicPartition, int] = {}
+        for m in batch:
+            tp = TopicPartition(m.topic, m.partition)
+            offsets[tp] = max(offsets.get(tp, -1), m.offset + 1)
+        records: dict[TopicPartition, list[tuple[str, Outgoing]]] = defaultdict(list)
+        for topic, outs in zip(self.topics, (result.outputs, result.dead_letters, result.alerts)):
+            for o in outs:
+                records[TopicPartition(o.source.topic, o.source.partition)].append((topic, o))
+        skipped = []
+        for tp in sorted(offsets):
+            if tp in done:
+                continue
+            if tp in self.fenced:
+                skipped.append(tp)
+                continue
+            try:
+                await self._commit(tp, records.get(tp, ()), offsets[tp])
+                done.add(tp)
+            except ProducerFenced:
+                log.warning("transactional producer for %s was fenced (partition moved to another worker); "
+                            "its %d record(s) of this batch are left to the new owner", tp, len(records.get(tp, ())))
+                self.fenced.add(tp)
+                await self._drop(tp)
+                skipped.append(tp)
+        return skipped
+
+    async def _commit(self, tp: TopicPartition, records: Iterable[tuple[str, Outgoing]], next_offset: int) -> None:
+        producer = await self._producer(tp)
+        await producer.begin_transaction()
+        try:
+            futures = [await producer.send(topic, o.value, key=o.key) for topic, o in records]
+            if futures:
+                await asyncio.gather(*futures)
+            await producer.send_offsets_to_transaction({tp: next_offset}, self.group_id)
+        except BaseException:
+            try:
+                await producer.abort_transaction()
+            except ProducerFenced:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a producer that cannot abort is rebuilt
+                log.warning("aborting the transaction for %s failed (%r); restarting its producer", tp, exc)
+                await self._drop(tp)
+            raise
+        await producer.commit_transaction()
+
+    async def _drop(self, tp: TopicPartition) -> None:
+        producer = self.producers.pop(tp, None)
+        if producer is not None:
+            try:
+                await producer.stop()
+            except Exception:  # noqa: BLE001 - best effort on a fenced / broken producer
+                pass
+
+    async def on_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        """A partition assigned (again) to us starts with a fresh producer, which fences any zombie."""
+        for tp in assigned:
+            self.fenced.discard(tp)
+
+    async def on_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        """Stop the producers of partitions we no longer own."""
+        for tp in list(revoked):
+            await self._drop(TopicPartition(tp.topic, tp.partition))
+
+    async def stop(self) -> None:
+        for tp in list(self.producers):
+            await self._drop(tp)
