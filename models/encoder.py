@@ -21,21 +21,53 @@ from .manifest import BackboneSpec
 log = logging.getLogger(__name__)
 
 
-def make_session(path, threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",)) -> ort.InferenceSession:
-    """An ONNX Runtime session with the providers asked for, saying so when one is missing."""
+GPU_PROVIDERS = ("CUDAExecutionProvider",)
+_said: set[str] = set()
+
+
+def resolve_providers(providers: Sequence[str]) -> list[str]:
+    """``auto`` → CUDA when onnxruntime-gpu sees a GPU, else CPU; named providers that are missing
+    are dropped with a warning. Always ends with the CPU provider as the last resort."""
+    available = ort.get_available_providers()
+    wanted = list(providers) or ["auto"]
+    if "auto" in wanted:
+        i = wanted.index("auto")
+        wanted[i:i + 1] = [p for p in GPU_PROVIDERS if p in available] or ["CPUExecutionProvider"]
+        if not any(p in available for p in GPU_PROVIDERS) and "auto" not in _said:
+            _said.add("auto")
+            log.info("execution provider: CPU (no CUDA in onnxruntime %s; install onnxruntime-gpu on a GPU "
+                     "machine to use one)", ort.__version__)
+    chosen = [p for p in dict.fromkeys(wanted) if p in available]
+    missing = [p for p in wanted if p not in available]
+    if missing and tuple(missing) not in _said:
+        _said.add(tuple(missing))
+        log.warning("execution providers %s not available (have %s); falling back to %s", missing, available,
+                    chosen or ["CPUExecutionProvider"])
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def make_session(path, threads: int = 0, providers: Sequence[str] = ("auto",),
+                 spinning: bool = False) -> ort.InferenceSession:
+    """An ONNX Runtime session on the best provider asked for, saying so when it falls back.
+
+    Spinning is off by default: idle intra-op threads that spin take CPU from the worker's own
+    event loop (consuming, publishing) on small machines.
+    """
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    available = ort.get_available_providers()
-    chosen = [p for p in providers if p in available]
-    missing = [p for p in providers if p not in available]
-    if missing:
-        log.warning("execution providers %s not available (have %s); falling back", missing, available)
-    if not chosen:
-        chosen = ["CPUExecutionProvider"]
-    return ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    chosen = resolve_providers(providers)
+    session = ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
+    active = session.get_providers()
+    if chosen[0] != active[0]:
+        log.warning("%s could not start (%s); running on %s", chosen[0], path, active[0])
+    return session
 
 
 def pool(hidden: np.ndarray, mask: np.ndarray, how: str, normalize: bool) -> np.ndarray:
@@ -95,13 +127,14 @@ class Encoded:
 class Encoder:
     """One backbone: tokenization and the ONNX pass, nothing about emotions."""
 
-    def __init__(self, spec: BackboneSpec, threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",)):
+    def __init__(self, spec: BackboneSpec, threads: int = 0, providers: Sequence[str] = ("auto",),
+                 spinning: bool = False):
         self.spec = spec
         self.tokenizer = Tokenizer.from_file(str(spec.tokenizer))
         # tokenizer.json files often fix padding/truncation (MiniLM's: 128); we pad per sub-batch.
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=spec.max_length)
-        self.session = make_session(spec.onnx, threads, providers)
+        self.session = make_session(spec.onnx, threads, providers, spinning)
         self.input_names = {i.name for i in self.session.get_inputs()}
         outputs = [o.name for o in self.session.get_outputs()]
         self.output_name = spec.output if spec.output in outputs else outputs[0]

@@ -36,7 +36,7 @@ class HeadOutput:
 
 
 class Head:
-    def __init__(self, spec: HeadSpec, threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",)):
+    def __init__(self, spec: HeadSpec, threads: int = 0, providers: Sequence[str] = ("auto",)):
         self.spec = spec
         self.name = spec.name
         self.version = spec.version

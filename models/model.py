@@ -21,25 +21,28 @@ class Prediction:
 
 
 class EmotionModel:
-    def __init__(self, manifest: Manifest, threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 encoder: Encoder | None = None):
+    def __init__(self, manifest: Manifest, threads: int = 0, providers: Sequence[str] = ("auto",),
+                 encoder: Encoder | None = None, spinning: bool = False):
         self.manifest = manifest
         self.threads = threads
         self.providers = tuple(providers)
-        self.encoder = encoder or Encoder(manifest.backbone, threads, providers)
+        self.spinning = spinning
+        self.encoder = encoder or Encoder(manifest.backbone, threads, providers, spinning)
         self.heads = [Head(spec, threads=1, providers=providers) for spec in manifest.heads]
         self._bb_mtime = manifest.backbone.onnx.stat().st_mtime_ns
 
     @classmethod
-    def load(cls, name_or_path: str, threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",)) -> "EmotionModel":
-        return cls(find_manifest(name_or_path), threads, providers)
+    def load(cls, name_or_path: str, threads: int = 0, providers: Sequence[str] = ("auto",),
+             spinning: bool = False) -> "EmotionModel":
+        return cls(find_manifest(name_or_path), threads, providers, spinning=spinning)
 
     def reloaded(self, name_or_path: str) -> "EmotionModel":
         """The manifest read again; the backbone session is kept when its spec and file are unchanged."""
         manifest = find_manifest(name_or_path)
         same = manifest.backbone == self.manifest.backbone and \
             manifest.backbone.onnx.stat().st_mtime_ns == self._bb_mtime
-        return EmotionModel(manifest, self.threads, self.providers, encoder=self.encoder if same else None)
+        return EmotionModel(manifest, self.threads, self.providers, encoder=self.encoder if same else None,
+                            spinning=self.spinning)
 
     @property
     def info(self) -> dict:

@@ -115,3 +115,36 @@ def test_pool_ignores_padding():
 def test_empty_input(tmp_path):
     enc = Encoder(load_manifest(write_manifest(tmp_path)).backbone)
     assert enc.embed([]).embeddings.shape[0] == 0
+
+
+def test_auto_provider_falls_back_to_cpu_with_a_log_line(caplog, monkeypatch):
+    import onnxruntime as ort
+
+    from emostream.models import encoder as encoder_mod
+
+    monkeypatch.setattr(encoder_mod, "_said", set())
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with caplog.at_level("INFO", logger="emostream.models.encoder"):
+        assert encoder_mod.resolve_providers(["auto"]) == ["CPUExecutionProvider"]
+    assert "execution provider: CPU" in caplog.text
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert encoder_mod.resolve_providers(["auto"]) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_missing_named_provider_is_dropped_with_a_warning(caplog, monkeypatch):
+    import onnxruntime as ort
+
+    from emostream.models import encoder as encoder_mod
+
+    monkeypatch.setattr(encoder_mod, "_said", set())
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with caplog.at_level("WARNING", logger="emostream.models.encoder"):
+        assert encoder_mod.resolve_providers(["CUDAExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert "not available" in caplog.text and "CUDAExecutionProvider" in caplog.text
+
+
+def test_session_without_spinning_gives_the_same_embeddings(tmp_path):
+    spec = load_manifest(write_manifest(tmp_path)).backbone
+    a = Encoder(spec, threads=2, spinning=False).embed(TEXTS).embeddings
+    b = Encoder(spec, threads=2, spinning=True).embed(TEXTS).embeddings
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

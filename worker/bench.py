@@ -86,12 +86,12 @@ class RawVariant:
     batch_size: int
     max_tokens: int
     order: str = "length-sorted"  # or "arrival"
-    spinning: bool = True  # ONNX Runtime session.intra_op.allow_spinning
+    spinning: bool = False  # ONNX Runtime session.intra_op.allow_spinning (the worker's default: off)
 
     @property
     def label(self) -> str:
         extra = "" if self.order == "length-sorted" else ", arrival order"
-        extra += "" if self.spinning else ", no spinning"
+        extra += ", spinning" if self.spinning else ""
         return f"{self.threads} thr, batch {self.batch_size}, ≤{self.max_tokens} tok{extra}"
 
 
@@ -124,7 +124,7 @@ def make_plan(quick: bool, n: int | None) -> Plan:
         n=n or 1000,
         raw_variants=(
             RawVariant(T, 1, 4096), RawVariant(T, 32, 4096), RawVariant(T, 64, 4096), RawVariant(T, 256, 16384),
-            RawVariant(T, 64, 512), RawVariant(T, 64, 4096, "arrival"), RawVariant(T, 64, 4096, spinning=False),
+            RawVariant(T, 64, 512), RawVariant(T, 64, 4096, "arrival"), RawVariant(T, 64, 4096, spinning=True),
             RawVariant(1, 64, 4096), RawVariant(1, 1, 4096),
         ),
     )
@@ -283,9 +283,7 @@ def bench_raw(model_name: str, texts: Sequence[str], plan: Plan, progress: Progr
     def model_for(v: RawVariant) -> EmotionModel:
         key = (v.threads, v.spinning)
         if key not in models:
-            model = EmotionModel.load(model_name, threads=v.threads)
-            if not v.spinning:
-                _no_spin_session(model, v.threads)
+            model = EmotionModel.load(model_name, threads=v.threads, spinning=v.spinning)
             model.encoder.embed(list(texts[:32]))  # warm-up: first runs allocate
             models[key] = model
         return models[key]
@@ -306,31 +304,12 @@ def bench_raw(model_name: str, texts: Sequence[str], plan: Plan, progress: Progr
     threads = {}
     for t in sorted({r["threads"] for r in results}):
         threads[str(t)] = max(r["texts_per_s"] for r in results
-                              if r["threads"] == t and r["order"] == "length-sorted" and r["spinning"])
+                              if r["threads"] == t and r["order"] == "length-sorted" and not r["spinning"])
     return {"variants": results, "best": best, "best_by_threads": threads, "rounds": plan.rounds}
-
-
-def _no_spin_session(model: EmotionModel, threads: int) -> None:
-    """Replace the backbone session by one whose intra-op threads sleep instead of spin-waiting."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    enc = model.encoder
-    enc.session = ort.InferenceSession(str(enc.spec.onnx), sess_options=opts,
-                                       providers=enc.session.get_providers())
 
 
 # --------------------------------------------------------------------------------------------
 # stage 2: the in-process pipeline (and the cache lever)
-def load_model(settings: Settings) -> EmotionModel:
-    providers = [p.strip() for p in settings.providers.split(",") if p.strip()]
-    return EmotionModel.load(settings.model, threads=settings.inference_threads, providers=providers)
-
-
 def _pipeline_pass(model: EmotionModel, settings: Settings, msgs: Sequence[RawMessage], cache_size: int,
                    on_batch: Callable[[int], None]) -> tuple[dict, Enricher]:
     enricher = Enricher(model, settings, cache_size=cache_size)
@@ -802,6 +781,8 @@ def run_bench(options: BenchOptions) -> dict:
     def get_model() -> EmotionModel:
         nonlocal model
         if model is None:
+            from .runner import load_model
+
             model = load_model(settings)
         return model
 

@@ -163,7 +163,7 @@ def markdown(results: dict, plots: dict[str, str] | None = None) -> str:
         for v in raw["variants"]:
             mark = " **(best)**" if v is best or v == best else ""
             lines.append(f"| {v['threads']} | {v['batch_size']} | {v['max_tokens']} | "
-                         f"{v['order']}{'' if v.get('spinning', True) else ', no spinning'} | "
+                         f"{v['order']}{', spinning' if v.get('spinning') else ''} | "
                          f"{v['texts_per_s']:.1f}{mark}{_runs(v)} | {v['calls']} | "
                          f"{v['padded_tokens'] / max(1, v['tokens']):.2f} |")
         by_t = ", ".join(f"{t} thread{'s' if t != '1' else ''}: {x:.1f}" for t, x in raw["best_by_threads"].items())

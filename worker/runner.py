@@ -28,7 +28,8 @@ log = logging.getLogger("emostream.worker")
 
 def load_model(settings: Settings) -> EmotionModel:
     providers = [p.strip() for p in settings.providers.split(",") if p.strip()]
-    return EmotionModel.load(settings.model, threads=settings.inference_threads, providers=providers)
+    return EmotionModel.load(settings.model, threads=settings.inference_threads, providers=providers,
+                             spinning=settings.inference_spinning)
 
 
 def wait_for_broker(settings: Settings) -> bool:

@@ -159,9 +159,16 @@ class Settings(BaseModel):
         json_schema_extra={"group": "model"},
     )
     providers: str = Field(
-        "CPUExecutionProvider",
+        "auto",
         description="ONNX Runtime execution providers in order of preference, comma-separated "
-        "(e.g. CUDAExecutionProvider,CPUExecutionProvider).",
+        "(e.g. CUDAExecutionProvider,CPUExecutionProvider). `auto`: CUDA when onnxruntime-gpu is installed "
+        "and sees a GPU, else CPU (logged at start).",
+        json_schema_extra={"group": "model"},
+    )
+    inference_spinning: bool = Field(
+        False,
+        description="Let idle ONNX Runtime threads spin (busy-wait) between calls. Off: spinning threads "
+        "take CPU from the worker's consuming and publishing on small machines.",
         json_schema_extra={"group": "model"},
     )
 
