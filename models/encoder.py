@@ -9,7 +9,7 @@ then puts the rows back in input order. Where to cut the sorted run is chosen by
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -122,13 +122,14 @@ class Encoded:
     embeddings: np.ndarray  # [n, dim] float32
     tokens: int  # real (unpadded) tokens
     padded_tokens: int  # what the model actually computed
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # other graph outputs (fused heads), [n, ...]
 
 
 class Encoder:
     """One backbone: tokenization and the ONNX pass, nothing about emotions."""
 
     def __init__(self, spec: BackboneSpec, threads: int = 0, providers: Sequence[str] = ("auto",),
-                 spinning: bool = False):
+                 spinning: bool = False, extra_outputs: Sequence[str] = ()):
         self.spec = spec
         self.tokenizer = Tokenizer.from_file(str(spec.tokenizer))
         # tokenizer.json files often fix padding/truncation (MiniLM's: 128); we pad per sub-batch.
@@ -138,13 +139,17 @@ class Encoder:
         self.input_names = {i.name for i in self.session.get_inputs()}
         outputs = [o.name for o in self.session.get_outputs()]
         self.output_name = spec.output if spec.output in outputs else outputs[0]
+        missing = [o for o in extra_outputs if o not in outputs]
+        if missing:
+            raise ValueError(f"backbone {spec.onnx} has no output(s) {missing}; it has {outputs}")
+        self.extra_outputs = list(extra_outputs)
         shape = self.session.get_outputs()[outputs.index(self.output_name)].shape
         self.dim = shape[-1] if isinstance(shape[-1], int) else None
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch(list(texts))]
 
-    def _run(self, ids: list[list[int]]) -> np.ndarray:
+    def _run(self, ids: list[list[int]]) -> tuple[np.ndarray, list[np.ndarray]]:
         n, width = len(ids), max(len(x) for x in ids)
         input_ids = np.zeros((n, width), dtype=np.int64)
         mask = np.zeros((n, width), dtype=np.int64)
@@ -154,26 +159,31 @@ class Encoder:
         feed = {"input_ids": input_ids, "attention_mask": mask}
         if "token_type_ids" in self.input_names:  # only what the graph declares
             feed["token_type_ids"] = np.zeros_like(input_ids)
-        hidden = self.session.run([self.output_name], feed)[0]
+        hidden, *extra = self.session.run([self.output_name, *self.extra_outputs], feed)
         if hidden.ndim == 2:  # graph already pooled
-            return hidden.astype(np.float32, copy=False)
-        return pool(hidden, mask, self.spec.pooling, self.spec.normalize)
+            return hidden.astype(np.float32, copy=False), extra
+        return pool(hidden, mask, self.spec.pooling, self.spec.normalize), extra
 
     def embed(self, texts: Sequence[str], max_tokens: int = 4096) -> Encoded:
         """Embeddings in input order, computed in length-sorted sub-batches of ≤ max_tokens padded tokens."""
         if not texts:
-            return Encoded(np.zeros((0, self.dim or 0), dtype=np.float32), 0, 0)
+            return Encoded(np.zeros((0, self.dim or 0), dtype=np.float32), 0, 0,
+                           {o: np.zeros((0, 0), dtype=np.float32) for o in self.extra_outputs})
         ids = self.tokenize(texts)
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
         order = np.argsort(lengths, kind="stable")
         out: np.ndarray | None = None
+        extra: list[np.ndarray] = []
         padded = 0
         for start, end in split_sorted(lengths[order], max_tokens):
             chunk = order[start:end]
-            emb = self._run([ids[i] for i in chunk])
+            emb, more = self._run([ids[i] for i in chunk])
             if out is None:
                 out = np.empty((len(ids), emb.shape[1]), dtype=np.float32)
+                extra = [np.empty((len(ids), *m.shape[1:]), dtype=np.float32) for m in more]
             out[chunk] = emb
+            for whole, part in zip(extra, more):
+                whole[chunk] = part
             padded += int(lengths[chunk].max()) * len(chunk)
         assert out is not None
-        return Encoded(out, int(lengths.sum()), padded)
+        return Encoded(out, int(lengths.sum()), padded, dict(zip(self.extra_outputs, extra)))

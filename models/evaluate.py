@@ -102,7 +102,7 @@ def evaluate(data: str | Path, head: str = "go_emotions", model: str | None = No
     if not texts:
         raise EvalError(f"{data}: no rows")
     gold = gold_labels(h.labels, y, data_dir)
-    probs = h.probabilities(em.encoder.embed(texts).embeddings)
+    probs = h.from_encoded(em.encoder.embed(texts)).probs
     return report(probs, gold, h.labels, h.thresholds, h.spec.kind == "single_label", head)
 
 

@@ -40,12 +40,15 @@ class Head:
         self.spec = spec
         self.name = spec.name
         self.version = spec.version
-        self.session = make_session(spec.onnx, threads, providers)
-        inputs = self.session.get_inputs()
-        if len(inputs) != 1:
-            raise ValueError(f"head {spec.name}: expected one input, got {[i.name for i in inputs]}")
-        self.input_name = inputs[0].name
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.session = None
+        self.input_name, self.output_names = "", []
+        if spec.format != "fused":  # a fused head's scores come out of the backbone's own pass
+            self.session = make_session(spec.onnx, threads, providers)
+            inputs = self.session.get_inputs()
+            if len(inputs) != 1:
+                raise ValueError(f"head {spec.name}: expected one input, got {[i.name for i in inputs]}")
+            self.input_name = inputs[0].name
+            self.output_names = [o.name for o in self.session.get_outputs()]
         self.labels = self._load_labels()
         self.thresholds = self._load_thresholds()
 
@@ -70,8 +73,12 @@ class Head:
                     thr[i] = float(data[label])
         return thr
 
-    def probabilities(self, embeddings: np.ndarray) -> np.ndarray:
-        outs = self.session.run(None, {self.input_name: embeddings.astype(np.float32, copy=False)})
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        """Scores from the pooled embedding — or, for a fused head, from its backbone output."""
+        if self.session is None:
+            outs = [x]
+        else:
+            outs = self.session.run(None, {self.input_name: x.astype(np.float32, copy=False)})
         if self.spec.format == "per_label":
             # Outputs follow output_names order; labels file (if any) lists them in that order.
             probs = np.stack([o[:, 1] for o in outs], axis=1)
@@ -95,3 +102,9 @@ class Head:
 
     def __call__(self, embeddings: np.ndarray) -> HeadOutput:
         return self.decide(self.probabilities(embeddings))
+
+    def from_encoded(self, enc) -> HeadOutput:
+        """This head's output for an :class:`~emostream.models.encoder.Encoded` batch."""
+        if self.spec.format == "fused":
+            return self.decide(self.probabilities(enc.extra[self.spec.output]))
+        return self(enc.embeddings)

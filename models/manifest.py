@@ -44,17 +44,21 @@ class HeadSpec:
     ``format = "per_label"`` is the seed card's layout: input ``logits`` [n, dim], one output per
     label, each [n, 2] = [p_negative, p_positive]. ``format = "matrix"`` is one output [n, labels]
     of probabilities (``activation = "none"``) or raw logits (``sigmoid`` / ``softmax``).
+    ``format = "fused"`` has no file of its own: its [n, labels] scores are the backbone graph's
+    output named ``output`` (an end-to-end tokens → scores classifier), so one session call
+    serves the embedding and every fused head.
     """
 
     name: str
     version: str
-    onnx: Path
+    onnx: Path | None
     kind: HeadKind = "multi_label"
-    format: Literal["per_label", "matrix"] = "per_label"
+    format: Literal["per_label", "matrix", "fused"] = "per_label"
     activation: Literal["none", "sigmoid", "softmax"] = "none"
     labels: Path | None = None
     thresholds: Path | None = None
     default_threshold: float = 0.5
+    output: str | None = None  # format = "fused": the backbone graph output holding this head's scores
 
 
 @dataclass(frozen=True)
@@ -110,11 +114,15 @@ def load_manifest(path: str | Path) -> Manifest:
             raise ManifestError(f"{path}: pooling must be 'mean' or 'cls', not {backbone.pooling!r}")
         heads = []
         for h in data.get("heads", []):
+            fused = h.get("format") == "fused"
+            if fused and "labels" not in h:
+                raise ManifestError(f"{path}: fused head {h.get('name')!r} needs a labels file")
             heads.append(
                 HeadSpec(
                     name=h["name"],
                     version=str(h.get("version", "0")),
-                    onnx=resolve_file(h["onnx"], base),
+                    onnx=None if fused else resolve_file(h["onnx"], base),
+                    output=h.get("output", h["name"]) if fused else None,
                     kind=h.get("kind", "multi_label"),
                     format=h.get("format", "per_label"),
                     activation=h.get("activation", "none"),

@@ -27,7 +27,8 @@ class EmotionModel:
         self.threads = threads
         self.providers = tuple(providers)
         self.spinning = spinning
-        self.encoder = encoder or Encoder(manifest.backbone, threads, providers, spinning)
+        fused = [h.output for h in manifest.heads if h.format == "fused"]
+        self.encoder = encoder or Encoder(manifest.backbone, threads, providers, spinning, extra_outputs=fused)
         self.heads = [Head(spec, threads=1, providers=providers) for spec in manifest.heads]
         self._bb_mtime = manifest.backbone.onnx.stat().st_mtime_ns
 
@@ -40,7 +41,8 @@ class EmotionModel:
         """The manifest read again; the backbone session is kept when its spec and file are unchanged."""
         manifest = find_manifest(name_or_path)
         same = manifest.backbone == self.manifest.backbone and \
-            manifest.backbone.onnx.stat().st_mtime_ns == self._bb_mtime
+            manifest.backbone.onnx.stat().st_mtime_ns == self._bb_mtime and \
+            [h.output for h in manifest.heads if h.format == "fused"] == self.encoder.extra_outputs
         return EmotionModel(manifest, self.threads, self.providers, encoder=self.encoder if same else None,
                             spinning=self.spinning)
 
@@ -57,5 +59,5 @@ class EmotionModel:
 
     def predict(self, texts: Sequence[str], max_tokens: int = 4096) -> Prediction:
         enc = self.encoder.embed(texts, max_tokens=max_tokens)
-        heads = {h.name: h(enc.embeddings) for h in self.heads}
+        heads = {h.name: h.from_encoded(enc) for h in self.heads}
         return Prediction(enc.embeddings, heads, enc.tokens, enc.padded_tokens)

