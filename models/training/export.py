@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..linear_head import export_per_label_onnx, f1_report, read_goemotions, tune_thresholds
+from ..linear_head import crossfit_macro_f1, export_per_label_onnx, f1_report, read_goemotions, tune_thresholds
 from ..manifest import BackboneSpec, HeadSpec
 from .bert import default_model_dir
 from .data import DATA_DIR, EKMAN_LABELS, SENTIMENT_LABELS, ekman_targets, load_label_sets, sentiment_targets
@@ -224,6 +224,7 @@ def score(probs: dict, gold: dict, labels: Sequence[str], thresholds: dict | Non
         out[name] = {"tuned": {k: round(v, 4) for k, v in tuned["macro"].items()},
                      "weighted_tuned": {k: round(v, 4) for k, v in tuned["weighted"].items()},
                      "at_0.5": {k: round(v, 4) for k, v in fixed["macro"].items()},
+                     "crossfit_f1": round(crossfit_macro_f1(probs[name], gold[name]), 4),
                      "per_label_f1": {l: round(d["f1"], 4) for l, d in tuned["per_label"].items()}}
     p = probs["sentiment"]
     pred = np.eye(p.shape[1])[p.argmax(1)]
