@@ -1,11 +1,12 @@
-"""The faust app: take a batch, run the pipeline off the event loop, publish, acknowledge.
+"""The faust app: take a batch, run the pipeline off the event loop, publish, release offsets.
 
-Nothing else happens here. Offsets advance only through faust's acknowledgements, and
-``take_events`` acknowledges a batch only after this agent's loop body has returned for it — by
-then every output and dead-letter record of the batch has been acknowledged by the broker
-(``publish`` awaits each delivery). So a commit never covers an unpublished record
-(at-least-once). A publish that fails is retried (``on_broker_loss=retry``) or ends the process
-with a non-zero code (``exit``); it is never skipped.
+Nothing else happens here. Offsets advance only through faust's acknowledgements, and a batch's
+events are released (batching.Batch.release) only after every output, dead-letter and alert
+record of the batch has been acknowledged by the broker (``publish`` awaits each delivery). So a
+commit never covers an unpublished record (at-least-once). A publish that fails is retried
+(``on_broker_loss=retry``) or ends the process with a non-zero code (``exit``); it is never
+skipped. With ``delivery=exactly_once`` the records and offsets commit in one Kafka transaction
+per input partition instead (transactions.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Sequence
 import faust
 from mode import CrashingSupervisor
 
-from .batching import batches
+from .batching import Batch, batches
 from .health import HealthServer
 from .metrics import Metrics
 from .pipeline import BatchResult, Enricher, Outgoing
@@ -196,27 +197,59 @@ def create_app(settings: Settings, enricher: Enricher, exit_request: ExitRequest
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
+    def finish(batch: Batch, result: BatchResult, batch_id: int) -> None:
+        """After the broker acknowledged a batch's records: release its offsets, count it."""
+        batch.release()
+        metrics.observe_batch(result, time.time())
+        if enricher.cache is not None:
+            metrics.sync_cache(enricher.cache_stats())
+        if result.alerts:
+            metrics.observe_alerts(result.alerts_fired.elements())
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("batch of %d: %d out, %d dead-lettered, %d alerts, %.1f ms inference, partitions %s",
+                      result.size, len(result.outputs), len(result.dead_letters), len(result.alerts),
+                      result.inference_s * 1000, sorted({m.partition for m in batch.messages}),
+                      extra={"batch_id": batch_id, "size": result.size, "out": len(result.outputs),
+                             "dlq": len(result.dead_letters), "alerts": len(result.alerts),
+                             "inference_ms": round(result.inference_s * 1000, 1)})
+
+    async def publish_and_finish(batch: Batch, result: BatchResult, batch_id: int) -> None:
+        await publish(batch.messages, result)
+        finish(batch, result, batch_id)
+
     @app.agent(source, name="enrich")
     async def enrich(stream) -> None:
+        """Batch → inference (executor thread) → publish → release offsets.
+
+        With ``publish_overlap`` the publish of batch N runs while batch N+1 is inferred: at most
+        one batch is in flight to the broker, batches are published in order, and a batch's
+        offsets are released only once all its records are acknowledged.
+        """
         loop = asyncio.get_running_loop()
         batch_id = 0
-        async for batch in batches(stream, settings.batch_max, settings.batch_window_s):
-            batch_id += 1
-            result: BatchResult = await loop.run_in_executor(executor, enricher, batch)
-            await publish(batch, result)
-            metrics.observe_batch(result, time.time())
-            if enricher.cache is not None:
-                metrics.sync_cache(enricher.cache_stats())
-            if result.alerts:
-                metrics.observe_alerts(result.alerts_fired.elements())
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("batch of %d: %d out, %d dead-lettered, %d alerts, %.1f ms inference, partitions %s",
-                          result.size, len(result.outputs), len(result.dead_letters), len(result.alerts),
-                          result.inference_s * 1000, sorted({m.partition for m in batch}),
-                          extra={"batch_id": batch_id, "size": result.size, "out": len(result.outputs),
-                                 "dlq": len(result.dead_letters), "alerts": len(result.alerts),
-                                 "inference_ms": round(result.inference_s * 1000, 1)})
-            # Leaving the loop body lets take_events ack these events; commit follows.
+        in_flight: asyncio.Task | None = None
+        try:
+            async for batch in batches(stream, settings.batch_max, settings.batch_window_s):
+                batch_id += 1
+                result: BatchResult = await loop.run_in_executor(executor, enricher, batch.messages)
+                if in_flight is not None:
+                    await in_flight  # keeps publishing in batch order; raises if it failed
+                    in_flight = None
+                if settings.publish_overlap:
+                    in_flight = asyncio.create_task(publish_and_finish(batch, result, batch_id))
+                else:
+                    await publish_and_finish(batch, result, batch_id)
+            if in_flight is not None:
+                await in_flight
+        finally:
+            if in_flight is not None and not in_flight.done():
+                # Shutting down: give the batch already being published a moment to finish (its
+                # offsets are then committed, fewer duplicates for the next owner), else drop it
+                # unreleased — it is read again, never lost.
+                try:
+                    await asyncio.wait_for(asyncio.shield(in_flight), timeout=5.0)
+                except BaseException:  # noqa: BLE001 - cancelled or timed out: nothing was released
+                    in_flight.cancel()
 
     def _count_assigned() -> int:
         try:

@@ -1,12 +1,17 @@
 """Batches from a faust stream: close at ``batch_max`` records or after ``batch_window`` seconds.
 
-faust's ``take_events`` disables per-event acks and acknowledges a batch's events only when the
-consumer asks for the next batch, which is what makes "commit after publish" hold (see app.py).
+faust's ``take_events`` acknowledges a batch's events when the agent asks for the next batch —
+and also when the agent is cancelled mid-batch (its ``finally``), which would commit records that
+were never published. So every event is *held* here (one extra reference on its message) and only
+:meth:`Batch.release` — called after the batch's records are acknowledged by the broker — drops
+the last reference, which is what lets faust commit the offset. That also lets the agent ask for
+batch N+1 while batch N is still being published (see app.py).
 """
 
 from __future__ import annotations
 
-from typing import AsyncIterator
+from dataclasses import dataclass
+from typing import AsyncIterator, Sequence
 
 from .decode import RawMessage
 
@@ -17,7 +22,21 @@ def to_raw(event) -> RawMessage:
                       timestamp=m.timestamp)
 
 
-async def batches(stream, batch_max: int, window_s: float) -> AsyncIterator[list[RawMessage]]:
-    """Yield lists of at most ``batch_max`` raw messages; a partial batch waits at most ``window_s``."""
+@dataclass
+class Batch:
+    events: Sequence  # faust events, each holding one extra reference until release()
+    messages: list[RawMessage]
+
+    def release(self) -> None:
+        """Drop our reference: once take_events has let go too, faust may commit these offsets."""
+        for event in self.events:
+            event.ack()
+        self.events = ()
+
+
+async def batches(stream, batch_max: int, window_s: float) -> AsyncIterator[Batch]:
+    """Yield batches of at most ``batch_max`` messages; a partial batch waits at most ``window_s``."""
     async for events in stream.take_events(batch_max, within=window_s):
-        yield [to_raw(e) for e in events]
+        for event in events:
+            event.message.incref()
+        yield Batch(events, [to_raw(e) for e in events])

@@ -72,7 +72,7 @@ class BenchOptions:
     data: Path | None = None  # None: ../shared/data/go_emotions/dev.tsv from the repository root
     out: Path = Path("bench-results")
     quick: bool = False
-    n: int | None = None  # texts per stage (default 1500, quick 150)
+    n: int | None = None  # texts per stage (default 1000, quick 150)
     model: str | None = None  # manifest name or path (default: the settings' model)
     stages: Sequence[str] = ALL_STAGES
     progress: bool = True
@@ -109,6 +109,7 @@ class Plan:
     t_batch_repeats: int = 15
     token_budgets: tuple[int, ...] = (1024, 512, 256)  # pipeline sweep, besides the configured one
     fetch_wait_compare_ms: int | None = 1500  # an extra worker run at this consumer fetch wait (faust's own)
+    publish_rtt_ms: int | None = 60  # the overlap lever: worker runs with publishes this much slower, overlap on/off
 
 
 def make_plan(quick: bool, n: int | None) -> Plan:
@@ -118,7 +119,7 @@ def make_plan(quick: bool, n: int | None) -> Plan:
             n=n or 150,
             raw_variants=(RawVariant(T, 1, 4096), RawVariant(T, 64, 4096), RawVariant(1, 64, 4096)),
             rounds=1, cache_size=2_000, open_loop_s=4.0, open_loop_min=40, warmup=16, scaling=False,
-            t_batch_repeats=5, token_budgets=(512,), fetch_wait_compare_ms=None,
+            t_batch_repeats=5, token_budgets=(512,), fetch_wait_compare_ms=None, publish_rtt_ms=None,
         )
     return Plan(
         n=n or 1000,
@@ -837,6 +838,16 @@ def _end_to_end(broker, settings: Settings, texts, plan: Plan, progress: Progres
                             cmd=WORKER_CMD, open_loop=True)
         _latency_budget(case, alt, texts, plan, get_model)
         e2e["fetch_wait_comparison"] = {"fetch_max_wait_ms": ms, **case}
+    rtt = plan.publish_rtt_ms
+    if rtt and "publish_overlap" in type(settings).model_fields:
+        # A networked cluster's acks=all round-trip, simulated by delaying each batch's publish:
+        # with overlap the next batch is inferred meanwhile; without, inference waits for it.
+        e2e["publish_overlap_comparison"] = {"publish_delay_ms": rtt, **{
+            ("on" if on else "off"): bench_worker(
+                broker, settings.model_copy(update={"fault_publish_delay_ms": rtt, "publish_overlap": on}), texts,
+                plan, progress, out, name=f"e2e-publish-{rtt}ms-overlap-{'on' if on else 'off'}", cmd=WORKER_CMD,
+                open_loop=True)
+            for on in (True, False)}}
     return e2e
 
 

@@ -221,15 +221,24 @@ def bench(
                                         "[default: ../shared/data/go_emotions/dev.tsv from the repo root]"),
     out: Path = typer.Option(Path("bench-results"), "--out", help="Where bench.json, bench.md and plots go."),
     quick: bool = typer.Option(False, "--quick", help="Fewer texts and variants: under a minute."),
-    n: Optional[int] = typer.Option(None, "--n", min=1, help="Texts per stage [default: 1500, quick 150]."),
+    n: Optional[int] = typer.Option(None, "--n", min=1, help="Texts per stage [default: 1000, quick 150]."),
     model: Optional[str] = typer.Option(None, "--model", help="Model manifest name or path [default: settings]."),
+    stages: Optional[str] = typer.Option(None, "--stages", help="Comma-separated subset of "
+                                         "raw,pipeline,cache,end_to_end,naive,scaling [default: all]."),
 ) -> None:
-    """Throughput and latency: raw model, pipeline, end to end through a broker, naive agent."""
-    from .bench import BenchError, BenchOptions, run_bench
+    """Throughput and latency: raw model, pipeline, end to end through a broker, naive agent.
+
+    The worker under test takes its settings from EMOSTREAM_* variables, so a lever is measured
+    by running the bench with it set (e.g. EMOSTREAM_BATCH_MAX=256)."""
+    from .bench import ALL_STAGES, BenchError, BenchOptions, run_bench
 
     setup_logging("warning")
+    chosen = tuple(x.strip() for x in stages.split(",") if x.strip()) if stages else ALL_STAGES
+    if unknown := set(chosen) - set(ALL_STAGES):
+        typer.echo(f"unknown stage(s) {sorted(unknown)}; choose from {', '.join(ALL_STAGES)}", err=True)
+        raise typer.Exit(2)
     try:
-        run_bench(BenchOptions(data=data, out=out, quick=quick, n=n, model=model))
+        run_bench(BenchOptions(data=data, out=out, quick=quick, n=n, model=model, stages=chosen))
     except BenchError as exc:
         typer.echo(f"bench failed: {exc}", err=True)
         raise typer.Exit(1) from exc

@@ -113,6 +113,12 @@ class Settings(BaseModel):
         50.0, gt=0, description="A batch closes this long after the worker started waiting for it.",
         json_schema_extra={"group": "batching"},
     )
+    publish_overlap: bool = Field(
+        True,
+        description="Infer the next batch while the previous one is being published (at most one batch in "
+        "flight to the broker; offsets still advance only after every record of a batch is acknowledged).",
+        json_schema_extra={"group": "batching"},
+    )
     batch_max_tokens: int = Field(
         512, ge=16,
         description="Padded-token budget of one inference call; a batch is split into length-sorted "
