@@ -211,3 +211,21 @@ def test_quick_end_to_end_stage_reports_throughput_latency_and_rss(tmp_path, tin
     assert targets["worker_rss"]["met"] is not None and targets["p99_latency"]["met"] is not None
     assert (out / "latency.png").exists()
     assert os.path.exists(out / "bench.md")
+    # The overlap lever (full runs only) renders as two more rows and a speed-up line.
+    from emostream.worker import bench_report
+
+    e2e["publish_overlap_comparison"] = {"publish_delay_ms": 60, "on": dict(e2e), "off": dict(e2e)}
+    md = bench_report.markdown(data)
+    assert "publish +60 ms, overlap on (default)" in md and "publish +60 ms, overlap off" in md
+    assert "(1.00×) flat out" in md
+
+
+def test_cpu_ceiling_is_what_broker_and_load_generator_leave():
+    from emostream.worker.bench_report import _cpu_ceiling
+
+    results = {"meta": {"host": {"cpu_count": 2}}, "raw": {"best": {"texts_per_s": 400.0}},
+               "end_to_end": {"flat_out": {"cpu_cores_used": {"workers": 1.5, "broker": 0.1, "bench_client": 0.1,
+                                                               "other": 0.0}}}}
+    line = _cpu_ceiling(results)
+    assert "0.20 of 2 cores" in line and "90%" in line and "360.0 texts/s" in line
+    assert _cpu_ceiling({"meta": {}}) is None

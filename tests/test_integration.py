@@ -16,8 +16,9 @@ pytestmark = pytest.mark.broker
 LABELS = open(__import__("pathlib").Path(__file__).parent / "fixtures/go_emotions_small/labels.txt").read().split()
 
 
-def test_n_in_n_out_with_scores_ids_and_keys(topics, start_worker):
-    w = start_worker(topics)
+@pytest.mark.parametrize("overlap", [True, False], ids=["publish-overlap", "no-overlap"])
+def test_n_in_n_out_with_scores_ids_and_keys(topics, start_worker, overlap):
+    w = start_worker(topics, publish_overlap=overlap)
     n = 150
     values = [orjson.dumps({"id": f"id-{i}", "text": f"I am so happy about number {i}!", "seq": i}) for i in range(n)]
     topics.produce(values, keys=[f"key-{i}".encode() for i in range(n)])
@@ -33,6 +34,12 @@ def test_n_in_n_out_with_scores_ids_and_keys(topics, start_worker):
         assert list(scores) == LABELS and len(scores) == 28
         assert all(0.0 <= v <= 1.0 for v in scores.values())
         assert out["source"]["topic"] == topics.settings.input_topic
+    # Order is kept: within an output partition, records of one input partition follow input offsets.
+    seen: dict = {}
+    for rec, out in zip(recs, outs):
+        key = (rec.partition, out["source"]["partition"])
+        assert out["source"]["offset"] > seen.get(key, -1)
+        seen[key] = out["source"]["offset"]
     # nothing extra comes out
     assert topics.consume(topics.settings.output_topic, n + 1, timeout=3)[n:] == []
     assert w.stop() == 0
