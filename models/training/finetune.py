@@ -255,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="checkpoint directory")
     ap.add_argument("--data-dir", type=Path, default=DATA_DIR, help="train.tsv, dev.tsv, labels.txt, *_mapping.json")
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr-backbone", type=float, default=8e-5)
     ap.add_argument("--lr-heads", type=float, default=1e-3)
