@@ -187,3 +187,22 @@ def test_fused_classifier_matches_backbone_plus_heads(tmp_path):
         np.testing.assert_allclose(pred.embeddings, emb, atol=1e-4)
         for name in HEAD_ORDER:
             np.testing.assert_allclose(pred.heads[name].probs, Head(specs[name]).probabilities(emb), atol=1e-4)
+
+
+def test_pos_weights_lift_rare_labels_and_are_off_by_default():
+    torch = pytest.importorskip("torch")
+    from emostream.models.training.finetune import loss_fn, pos_weights
+
+    y = np.zeros((1000, 3), dtype=np.float32)
+    y[:500, 0] = 1  # common
+    y[:10, 1] = 1  # rare: (990 / 10) ** 0.5 ≈ 9.95
+    y[:1, 2] = 1  # rarer still: capped
+    w = pos_weights(y, 0.5, 10.0)
+    np.testing.assert_allclose(w, [1.0, (990 / 10) ** 0.5, 10.0], rtol=1e-6)
+    assert pos_weights(y, 0.0, 10.0) is None
+    out = {"go_emotions": torch.zeros(2, 3), "ekman": torch.zeros(2, 7), "sentiment": torch.zeros(2, 4)}
+    target = {"go_emotions": torch.tensor([[0, 1, 0], [0, 0, 0.]]), "ekman": torch.zeros(2, 7),
+              "sentiment": torch.tensor([0, 1])}
+    plain, _ = loss_fn(out, target)
+    weighted, _ = loss_fn(out, target, {"go_emotions": torch.as_tensor(w)})
+    assert float(weighted) > float(plain)  # a missed rare positive costs more
