@@ -154,7 +154,7 @@ def train(out_dir: Path, data_dir: Path = DATA_DIR, epochs: int = 3, batch_size:
           lr_backbone: float = 8e-5, lr_heads: float = 1e-3, warmup: float = 0.06, max_length: int = 64,
           seed: int = 13, device: str = "auto", threads: int = 2, resume: bool = False,
           limit_train: int | None = None, limit_dev: int | None = None, save_every: int = 0,
-          max_steps: int | None = None, progress: bool = True, pos_weight_power: float = 0.0,
+          max_steps: int | None = None, progress: bool = True, pos_weight_power: float = 0.5,
           pos_weight_max: float = 10.0) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     if device == "auto":
@@ -270,8 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--limit-dev", type=int)
     ap.add_argument("--max-steps", type=int, help="stop (with a checkpoint) after N steps: for timing")
     ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--pos-weight-power", type=float, default=0.0,
-                    help="class weighting of rare labels: BCE pos_weight = (neg/pos) ** P, 0 = off")
+    ap.add_argument("--pos-weight-power", type=float, default=0.5,
+                    help="class weighting of rare labels: BCE pos_weight = (neg/pos) ** P, 0 = off (0.5: dev go_emotions 0.521 -> 0.549)")
     ap.add_argument("--pos-weight-max", type=float, default=10.0, help="cap on that weight")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
