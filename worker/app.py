@@ -142,7 +142,7 @@ def faust_config(settings: Settings, datadir: str | None = None) -> dict:
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         producer_request_timeout=settings.publish_timeout_s,
-        producer_max_request_size=max(1_048_576, 2 * settings.max_record_bytes),
+        producer_max_request_size=settings.max_request_bytes,
         stream_buffer_maxsize=settings.buffer_max,
         processing_guarantee="at_least_once",
         web_enabled=False,
@@ -151,7 +151,7 @@ def faust_config(settings: Settings, datadir: str | None = None) -> dict:
 
 def create_app(settings: Settings, enricher: Enricher, exit_request: ExitRequest | None = None,
                metrics: Metrics | None = None, health: HealthServer | None = None, reloader=None,
-               datadir: str | None = None, transactional_publisher=None) -> faust.App:
+               datadir: str | None = None) -> faust.App:
     """The faust app around one Enricher; metrics, health and reloading are optional collaborators."""
     exit_request = exit_request or ExitRequest()
     metrics = metrics or Metrics()
@@ -163,12 +163,8 @@ def create_app(settings: Settings, enricher: Enricher, exit_request: ExitRequest
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emostream-infer")
     app.emostream_executor = executor  # type: ignore[attr-defined]
     broker_down_since: list[float | None] = [None]
-    txn = None
-    if exactly_once:
-        txn = transactional_publisher or TransactionalPublisher(
-            producer_factory(settings), settings.group_id, settings.output_topic, settings.dlq_topic,
-            settings.alerts_topic)
-    app.emostream_transactions = txn  # type: ignore[attr-defined]
+    txn = TransactionalPublisher(producer_factory(settings), settings.group_id, settings.output_topic,
+                                 settings.dlq_topic, settings.alerts_topic) if exactly_once else None
 
     async def publish(batch, result: BatchResult) -> None:
         """Publish a batch's records; retry or exit on failure, never return without publishing."""

@@ -234,6 +234,11 @@ class Settings(BaseModel):
         return self.batch_window_ms / 1000.0
 
     @property
+    def max_request_bytes(self) -> int:
+        """Producer request limit: room for an enriched record of a maximal input (and its dead letter)."""
+        return max(1_048_576, 2 * self.max_record_bytes)
+
+    @property
     def bootstrap_servers(self) -> list[str]:
         """Broker URL(s) as host:port strings for aiokafka."""
         servers = []

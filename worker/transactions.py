@@ -48,7 +48,7 @@ def producer_factory(settings: Settings) -> ProducerFactory:
         return AIOKafkaProducer(
             transactional_id=transactional_id, enable_idempotence=True, acks="all",
             request_timeout_ms=int(settings.publish_timeout_s * 1000),
-            max_request_size=max(1_048_576, 2 * settings.max_record_bytes),
+            max_request_size=settings.max_request_bytes,
             **client_kwargs(settings),
         )
 
