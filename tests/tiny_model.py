@@ -29,24 +29,31 @@ def encoder_table(seed: int = 0) -> np.ndarray:
     return np.random.RandomState(seed).randn(VOCAB, DIM).astype(np.float32)
 
 
-def build_encoder(path: Path, table: np.ndarray) -> Path:
-    """last_hidden_state[b, s, :] = table[input_ids[b, s]] + 0.1 * position s (so CLS ≠ mean)."""
+def _encoder_graph_parts(table: np.ndarray, hidden: str):
+    """Nodes and initializers computing ``hidden``[b, s, :] = table[input_ids[b, s]] + 0.1 * s."""
     pos = (0.1 * np.arange(512, dtype=np.float32))[:, None] * np.ones((1, DIM), np.float32)
     nodes = [
         helper.make_node("Gather", ["table", "input_ids"], ["tok"]),
         helper.make_node("Shape", ["input_ids"], ["shape"]),
         helper.make_node("Gather", ["shape", "one"], ["seqlen"], axis=0),
         helper.make_node("Slice", ["pos", "zero", "seqlen"], ["pos_s"]),
-        helper.make_node("Add", ["tok", "pos_s"], ["last_hidden_state"]),
+        helper.make_node("Add", ["tok", "pos_s"], [hidden]),
     ]
+    inits = [numpy_helper.from_array(table, "table"), numpy_helper.from_array(pos, "pos"),
+             numpy_helper.from_array(np.array([1], np.int64), "one"),
+             numpy_helper.from_array(np.array([0], np.int64), "zero")]
+    return nodes, inits
+
+
+def build_encoder(path: Path, table: np.ndarray) -> Path:
+    """last_hidden_state[b, s, :] = table[input_ids[b, s]] + 0.1 * position s (so CLS ≠ mean)."""
+    nodes, inits = _encoder_graph_parts(table, "last_hidden_state")
     graph = helper.make_graph(
         nodes, "tiny_encoder",
         [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"]),
          helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "s"])],
         [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["b", "s", DIM])],
-        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(pos, "pos"),
-         numpy_helper.from_array(np.array([1], np.int64), "one"),
-         numpy_helper.from_array(np.array([0], np.int64), "zero")],
+        inits,
     )
     return _save(graph, path)
 
@@ -112,13 +119,8 @@ def tokenizer_path() -> Path:
 def build_fused(path: Path, table: np.ndarray, W: np.ndarray, b: np.ndarray) -> Path:
     """End-to-end tiny classifier: tokens → ``sentence_embedding`` (mean pool of the tiny encoder's
     hidden states) and ``mood_logits`` = embedding · W + b, in one graph."""
-    pos = (0.1 * np.arange(512, dtype=np.float32))[:, None] * np.ones((1, DIM), np.float32)
-    nodes = [
-        helper.make_node("Gather", ["table", "input_ids"], ["tok"]),
-        helper.make_node("Shape", ["input_ids"], ["shape"]),
-        helper.make_node("Gather", ["shape", "one"], ["seqlen"], axis=0),
-        helper.make_node("Slice", ["pos", "zero", "seqlen"], ["pos_s"]),
-        helper.make_node("Add", ["tok", "pos_s"], ["hidden"]),
+    nodes, inits = _encoder_graph_parts(table, "hidden")
+    nodes += [
         helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
         helper.make_node("Unsqueeze", ["maskf", "two"], ["mask3"]),
         helper.make_node("Mul", ["hidden", "mask3"], ["masked"]),
@@ -127,17 +129,15 @@ def build_fused(path: Path, table: np.ndarray, W: np.ndarray, b: np.ndarray) -> 
         helper.make_node("Div", ["summed", "count"], ["sentence_embedding"]),
         helper.make_node("Gemm", ["sentence_embedding", "W", "b"], ["mood_logits"]),
     ]
+    inits += [numpy_helper.from_array(np.array([2], np.int64), "two"),
+              numpy_helper.from_array(W.astype(np.float32), "W"), numpy_helper.from_array(b.astype(np.float32), "b")]
     graph = helper.make_graph(
         nodes, "tiny_fused",
         [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"]),
          helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "s"])],
         [helper.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT, ["b", DIM]),
          helper.make_tensor_value_info("mood_logits", TensorProto.FLOAT, ["b", len(LABELS)])],
-        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(pos, "pos"),
-         numpy_helper.from_array(np.array([1], np.int64), "one"),
-         numpy_helper.from_array(np.array([2], np.int64), "two"),
-         numpy_helper.from_array(np.array([0], np.int64), "zero"),
-         numpy_helper.from_array(W.astype(np.float32), "W"), numpy_helper.from_array(b.astype(np.float32), "b")],
+        inits,
     )
     return _save(graph, path)
 
