@@ -22,20 +22,23 @@ class Prediction:
 
 class EmotionModel:
     def __init__(self, manifest: Manifest, threads: int = 0, providers: Sequence[str] = ("auto",),
-                 encoder: Encoder | None = None, spinning: bool = False):
+                 encoder: Encoder | None = None, spinning: bool = False, streams: int = 1):
         self.manifest = manifest
         self.threads = threads
+        self.streams = streams
         self.providers = tuple(providers)
         self.spinning = spinning
         fused = [h.output for h in manifest.heads if h.format == "fused"]
-        self.encoder = encoder or Encoder(manifest.backbone, threads, providers, spinning, extra_outputs=fused)
+        self.encoder = encoder or Encoder(manifest.backbone, threads, providers, spinning, extra_outputs=fused,
+                                          streams=streams)
         self.heads = [Head(spec, threads=1, providers=providers) for spec in manifest.heads]
         self._bb_mtime = manifest.backbone.onnx.stat().st_mtime_ns
 
     @classmethod
     def load(cls, name_or_path: str, threads: int = 0, providers: Sequence[str] = ("auto",),
-             spinning: bool = False) -> "EmotionModel":
-        return cls(find_manifest(name_or_path), threads, providers, spinning=spinning)
+             spinning: bool = False, streams: int = 1) -> "EmotionModel":
+        """``streams``: concurrent session calls (0 = auto, see encoder.plan_streams)."""
+        return cls(find_manifest(name_or_path), threads, providers, spinning=spinning, streams=streams)
 
     def reloaded(self, name_or_path: str) -> "EmotionModel":
         """The manifest read again; the backbone session is kept when its spec and file are unchanged."""
@@ -44,7 +47,7 @@ class EmotionModel:
             manifest.backbone.onnx.stat().st_mtime_ns == self._bb_mtime and \
             [h.output for h in manifest.heads if h.format == "fused"] == self.encoder.extra_outputs
         return EmotionModel(manifest, self.threads, self.providers, encoder=self.encoder if same else None,
-                            spinning=self.spinning)
+                            spinning=self.spinning, streams=self.streams)
 
     @property
     def info(self) -> dict:

@@ -54,7 +54,7 @@ def test_quick_in_process_bench_writes_json_markdown_and_plot(tmp_path, tiny_man
     # 1. raw model: several variants, one best, both thread counts
     assert len(data["raw"]["variants"]) >= 3
     assert data["raw"]["best"]["texts_per_s"] == max(v["texts_per_s"] for v in data["raw"]["variants"])
-    assert set(data["raw"]["best_by_threads"]) == {"1", "2"}
+    assert set(data["raw"]["best_by_threads"]) == {"1x1", "2x1", "1x2"}
     assert all(v["texts"] == 40 for v in data["raw"]["variants"])
     # 2. pipeline: every record came out, at each token budget
     for v in data["pipeline"]["variants"]:

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from tokenizers import Tokenizer
 
-from emostream.models.encoder import Encoder, pool, split_sorted
+from emostream.models.encoder import Encoder, plan_streams, pool, split_sorted, spread
 from emostream.models.manifest import load_manifest
 
 from tiny_model import encoder_table, reference_hidden, tokenizer_path, write_manifest
@@ -148,3 +148,61 @@ def test_session_without_spinning_gives_the_same_embeddings(tmp_path):
     a = Encoder(spec, threads=2, spinning=False).embed(TEXTS).embeddings
     b = Encoder(spec, threads=2, spinning=True).embed(TEXTS).embeddings
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+# --- concurrent session calls (inference streams) ---------------------------------------------
+def test_plan_streams_auto_is_one_single_threaded_call_per_core_on_cpu():
+    assert plan_streams(0, 0, "CPUExecutionProvider", cores=2) == (2, 1)
+    assert plan_streams(0, 0, "CPUExecutionProvider", cores=8) == (8, 1)
+    assert plan_streams(0, 0, "CUDAExecutionProvider", cores=8) == (1, 0)  # a GPU: one stream
+    assert plan_streams(2, 0, "CPUExecutionProvider", cores=8) == (2, 4)  # threads: the cores shared out
+    assert plan_streams(1, 0, "CPUExecutionProvider", cores=8) == (1, 0)  # one call: ONNX Runtime's default
+    assert plan_streams(3, 2, "CPUExecutionProvider", cores=2) == (3, 2)  # explicit values are kept
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 128), min_size=1, max_size=120), st.sampled_from([16, 64, 512]),
+       st.integers(1, 6))
+def test_spread_covers_every_text_once_and_feeds_every_stream(lengths, budget, streams):
+    lengths = np.array(sorted(lengths))
+    runs = spread(split_sorted(lengths, budget), lengths, streams)
+    covered = sorted(i for a, b in runs for i in range(a, b))
+    assert covered == list(range(len(lengths)))
+    assert len(runs) >= min(streams, len(lengths))
+    costs = [int(lengths[b - 1]) * (b - a) for a, b in runs]
+    assert costs == sorted(costs, reverse=True)  # costliest first: the streams finish close together
+
+
+@pytest.mark.parametrize("budget", [16, 64, 100_000])
+def test_streams_give_the_same_rows_as_one_call_at_a_time(tmp_path, budget):
+    spec = load_manifest(write_manifest(tmp_path)).backbone
+    texts = TEXTS * 9
+    one = Encoder(spec, streams=1, threads=1).embed(texts, max_tokens=budget)
+    two = Encoder(spec, streams=2, threads=1).embed(texts, max_tokens=budget)
+    np.testing.assert_allclose(two.embeddings, one.embeddings, rtol=1e-5, atol=1e-6)
+    assert two.tokens == one.tokens
+
+
+def test_a_small_batch_is_split_over_the_streams(tmp_path):
+    """Even a batch that fits one call runs on every stream, each on its own thread."""
+    import threading
+
+    enc = Encoder(load_manifest(write_manifest(tmp_path)).backbone, streams=2, threads=1)
+    assert (enc.streams, enc.threads) == (2, 1)
+    seen: list[tuple[str, int]] = []
+    run = enc._run
+
+    def spy(ids):
+        seen.append((threading.current_thread().name, len(ids)))
+        return run(ids)
+
+    enc._run = spy
+    texts = ["same length"] * 6
+    np.testing.assert_allclose(enc.embed(texts, max_tokens=100_000).embeddings,
+                               np.concatenate([Encoder(enc.spec).embed([t]).embeddings for t in texts]),
+                               rtol=1e-5, atol=1e-6)
+    assert sorted(n for _, n in seen) == [3, 3]
+    assert all(name.startswith("emostream-stream") for name, _ in seen)
+    seen.clear()
+    enc.embed(["alone"])  # one text: nothing to spread, no thread hop needed
+    assert [n for _, n in seen] == [1]

@@ -42,6 +42,7 @@ import uuid
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -87,12 +88,14 @@ class RawVariant:
     max_tokens: int
     order: str = "length-sorted"  # or "arrival"
     spinning: bool = False  # ONNX Runtime session.intra_op.allow_spinning (the worker's default: off)
+    streams: int = 1  # session calls at once (each with `threads` intra-op threads)
 
     @property
     def label(self) -> str:
         extra = "" if self.order == "length-sorted" else ", arrival order"
         extra += ", spinning" if self.spinning else ""
-        return f"{self.threads} thr, batch {self.batch_size}, ≤{self.max_tokens} tok{extra}"
+        streams = f" × {self.streams} streams" if self.streams > 1 else ""
+        return f"{self.threads} thr{streams}, batch {self.batch_size}, ≤{self.max_tokens} tok{extra}"
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,8 @@ def make_plan(quick: bool, n: int | None) -> Plan:
     if quick:
         return Plan(
             n=n or 150,
-            raw_variants=(RawVariant(T, 1, 4096), RawVariant(T, 64, 4096), RawVariant(1, 64, 4096)),
+            raw_variants=(RawVariant(T, 1, 4096), RawVariant(T, 64, 4096), RawVariant(1, 64, 4096),
+                          RawVariant(1, 64, 512, streams=T)),
             rounds=1, cache_size=2_000, open_loop_s=4.0, open_loop_min=40, warmup=16, scaling=False,
             t_batch_repeats=5, token_budgets=(512,), fetch_wait_compare_ms=None, publish_rtt_ms=None,
         )
@@ -127,6 +131,7 @@ def make_plan(quick: bool, n: int | None) -> Plan:
             RawVariant(T, 1, 4096), RawVariant(T, 32, 4096), RawVariant(T, 64, 4096), RawVariant(T, 256, 16384),
             RawVariant(T, 64, 512), RawVariant(T, 64, 4096, "arrival"), RawVariant(T, 64, 4096, spinning=True),
             RawVariant(1, 64, 4096), RawVariant(1, 1, 4096),
+            RawVariant(1, 32, 4096, streams=T), RawVariant(1, 64, 512, streams=T), RawVariant(1, 64, 4096, streams=T),
         ),
     )
 
@@ -258,6 +263,7 @@ def _raw_pass(model: EmotionModel, texts: Sequence[str], v: RawVariant, on_batch
     order = sorted(range(len(ids)), key=lengths.__getitem__) if v.order == "length-sorted" else list(range(len(ids)))
     calls = padded = 0
     start = 0
+    chunks = []
     while start < len(order):
         width = lengths[order[start]]
         end = start + 1
@@ -266,14 +272,16 @@ def _raw_pass(model: EmotionModel, texts: Sequence[str], v: RawVariant, on_batch
             if w * (end - start + 1) > v.max_tokens:
                 break
             width, end = w, end + 1
-        encoder._run([ids[i] for i in order[start:end]])
+        chunks.append([ids[i] for i in order[start:end]])
         calls += 1
         padded += width * (end - start)
-        on_batch(end - start)
         start = end
+    pool = encoder._pool if v.streams > 1 else None
+    for chunk, _ in zip(chunks, pool.map(encoder._run, chunks) if pool is not None else map(encoder._run, chunks)):
+        on_batch(len(chunk))
     seconds = time.perf_counter() - t0
-    return {"threads": v.threads, "batch_size": v.batch_size, "max_tokens": v.max_tokens, "order": v.order,
-            "spinning": v.spinning, "label": v.label, "texts": len(texts), "seconds": round(seconds, 4),
+    return {"threads": v.threads, "streams": v.streams, "batch_size": v.batch_size, "max_tokens": v.max_tokens,
+            "order": v.order, "spinning": v.spinning, "label": v.label, "texts": len(texts), "seconds": round(seconds, 4),
             "texts_per_s": round(len(texts) / seconds, 2), "calls": calls, "tokens": sum(lengths),
             "padded_tokens": padded}
 
@@ -282,9 +290,9 @@ def bench_raw(model_name: str, texts: Sequence[str], plan: Plan, progress: Progr
     models: dict[tuple[int, bool], EmotionModel] = {}
 
     def model_for(v: RawVariant) -> EmotionModel:
-        key = (v.threads, v.spinning)
+        key = (v.threads, v.spinning, v.streams)
         if key not in models:
-            model = EmotionModel.load(model_name, threads=v.threads, spinning=v.spinning)
+            model = EmotionModel.load(model_name, threads=v.threads, spinning=v.spinning, streams=v.streams)
             model.encoder.embed(list(texts[:32]))  # warm-up: first runs allocate
             models[key] = model
         return models[key]
@@ -302,10 +310,10 @@ def bench_raw(model_name: str, texts: Sequence[str], plan: Plan, progress: Progr
         best_run = max(runs[v], key=lambda r: r["texts_per_s"])
         results.append(dict(best_run, runs_texts_per_s=[r["texts_per_s"] for r in runs[v]]))
     best = max(results, key=lambda r: r["texts_per_s"])
-    threads = {}
-    for t in sorted({r["threads"] for r in results}):
-        threads[str(t)] = max(r["texts_per_s"] for r in results
-                              if r["threads"] == t and r["order"] == "length-sorted" and not r["spinning"])
+    threads = {}  # "threads x streams" → best length-sorted run
+    for t, k in sorted({(r["threads"], r["streams"]) for r in results}):
+        threads[f"{t}x{k}"] = max(r["texts_per_s"] for r in results if r["threads"] == t and r["streams"] == k
+                                  and r["order"] == "length-sorted" and not r["spinning"])
     return {"variants": results, "best": best, "best_by_threads": threads, "rounds": plan.rounds}
 
 
@@ -355,6 +363,7 @@ def bench_pipeline(model: EmotionModel, settings: Settings, texts: Sequence[str]
     best = max(variants, key=lambda r: r["texts_per_s"])
     return {"texts_per_s": best["texts_per_s"], "configured": variants[0], "best": best, "variants": variants,
             "tuned_batch_max_tokens": best["batch_max_tokens"], "inference_threads": settings.inference_threads,
+            "streams": model.encoder.streams, "threads": model.encoder.threads,
             "rounds": plan.rounds}
 
 
@@ -653,10 +662,15 @@ def _phase_result(collector: Collector, run: str, first_sent: float) -> dict:
     t_k = times[len(times) // 10]
     after = sum(1 for t in times if t > t_k)
     steady = after / (last_seen - t_k) if after >= 0.5 * len(times) and last_seen > t_k else len(seen) / seconds
+    # Where the latency went: sent → processed_at (broker hold of the input fetch, batch window,
+    # queueing, inference) and processed_at → seen (publish, the output fetch of the bench's consumer).
+    split = [(datetime.fromisoformat(p).timestamp(), sent, t) for t, sent, p in seen.values() if p]
     return {
         "records": len(seen), "seconds": round(seconds, 3), "texts_per_s": round(steady, 2),
         "texts_per_s_from_first_send": round(len(seen) / seconds, 2),
         "latency": latency_summary(latencies),
+        "latency_to_processed": latency_summary([p - sent for p, sent, _ in split]) if split else None,
+        "latency_after_processed": latency_summary([t - p for p, _, t in split]) if split else None,
         "latencies_ms": [round(x * 1000, 2) for x in latencies],
         "batches": {"count": len(sizes), "mean_size": round(statistics.fmean(sizes), 2),
                     "p50_size": statistics.median(sizes), "max_size": sizes[-1]},
@@ -665,7 +679,7 @@ def _phase_result(collector: Collector, run: str, first_sent: float) -> dict:
 
 async def _worker_case(broker_url: str, base: Settings, texts: Sequence[str], plan: Plan, progress: Progress,
                        out_dir: Path, *, name: str, cmd: list[str], workers: int = 1,
-                       threads: int | None = None, flat: bool = True, open_loop: bool = False,
+                       threads: int | None = None, streams: int | None = None, flat: bool = True, open_loop: bool = False,
                        open_loop_rate: float | None = None, broker_pid: int | None = None) -> dict:
     """Start ``workers`` processes of ``cmd`` on fresh topics, warm up, then run flat out (throughput)
     and/or open loop at half the flat-out rate or at ``open_loop_rate`` (latency)."""
@@ -678,13 +692,16 @@ async def _worker_case(broker_url: str, base: Settings, texts: Sequence[str], pl
               "dlq_topic": f"bench-dlq-{tag}", "group_id": f"bench-{name}-{tag}"}
     if threads is not None:
         update["inference_threads"] = threads
+    if streams is not None:
+        update["inference_streams"] = streams
     s = base.model_copy(update=update)
     await ensure_topics(s, [s.input_topic, s.output_topic, s.dlq_topic])
     collector = Collector(s)
     await collector.start()
     producer = AIOKafkaProducer(acks="all", linger_ms=0, **client_kwargs(s))
     await producer.start()
-    result: dict = {"workers": workers, "inference_threads": s.inference_threads, "command": " ".join(cmd[1:]),
+    result: dict = {"workers": workers, "inference_threads": s.inference_threads,
+                    "inference_streams": s.inference_streams, "command": " ".join(cmd[1:]),
                     "partitions": s.partitions, "batch_max": s.batch_max, "batch_window_ms": s.batch_window_ms}
     try:
         with spawn(cmd, [_env_for_one(s) for _ in range(workers)], out_dir, f"{name}-worker") as procs:
@@ -864,23 +881,25 @@ def _latency_budget(case: dict, settings: Settings, texts, plan: Plan, get_model
 
 def _scaling(broker, settings: Settings, texts, plan: Plan, progress: Progress, out: Path,
              results: dict) -> dict:
+    """1 worker (the configured streams × threads) vs 2 single-threaded workers in one group, and
+    the 1 worker with one 2-thread call at a time (the ONNX Runtime default)."""
     if not plan.scaling:
         return {"skipped": "--quick"}
     e2e = results.get("end_to_end", {})
-    if e2e.get("flat_out") and settings.inference_threads == MULTI_THREADS:
+    if e2e.get("flat_out"):
         one = dict(e2e, reused="the end-to-end flat-out run (same configuration)")
     else:
-        one = bench_worker(broker, settings, texts, plan, progress, out, name="one-worker-2-threads",
-                           cmd=WORKER_CMD, threads=MULTI_THREADS)
+        one = bench_worker(broker, settings, texts, plan, progress, out, name="one-worker", cmd=WORKER_CMD)
+    one_call = bench_worker(broker, settings, texts, plan, progress, out, name="one-worker-1-call-2-threads",
+                            cmd=WORKER_CMD, threads=MULTI_THREADS, streams=1)
     two = bench_worker(broker, settings, texts, plan, progress, out, name="two-workers-1-thread",
-                       cmd=WORKER_CMD, workers=2, threads=1)
-    keep = ("workers", "inference_threads", "flat_out", "peak_rss_mb", "max_peak_rss_mb", "ready_s", "reused",
-            "all_workers_busy")
-    one = {k: v for k, v in one.items() if k in keep}
-    two = {k: v for k, v in two.items() if k in keep}
-    for case in (one, two):
+                       cmd=WORKER_CMD, workers=2, threads=1, streams=1)
+    keep = ("workers", "inference_threads", "inference_streams", "flat_out", "peak_rss_mb", "max_peak_rss_mb",
+            "ready_s", "reused", "all_workers_busy")
+    one, one_call, two = ({k: v for k, v in c.items() if k in keep} for c in (one, one_call, two))
+    for case in (one, one_call, two):
         case["flat_out"] = {k: v for k, v in case["flat_out"].items() if k != "latencies_ms"}
-    return {"one_worker_two_threads": one, "two_workers_one_thread": two,
+    return {"one_worker": one, "one_worker_one_call_two_threads": one_call, "two_workers_one_thread": two,
             "ratio": round(two["flat_out"]["texts_per_s"] / one["flat_out"]["texts_per_s"], 3)}
 
 
@@ -900,7 +919,8 @@ def _meta(settings: Settings, data: Path, texts: Sequence[str], plan: Plan, opti
         "stages": [s for s in ALL_STAGES if s in set(options.stages)],
         "model": settings.model,
         "settings": {k: getattr(settings, k) for k in ("batch_max", "batch_window_ms", "batch_max_tokens",
-                                                        "inference_threads", "partitions", "providers")},
+                                                        "inference_threads", "inference_streams", "partitions",
+                                                        "providers")},
         "plan": {"raw_variants": [v.label for v in plan.raw_variants], "rounds": plan.rounds,
                  "token_budgets": list(plan.token_budgets), "open_loop_s": plan.open_loop_s,
                  "cache_size": plan.cache_size, "duplicate_fraction": plan.duplicate_fraction,

@@ -144,7 +144,8 @@ def markdown(results: dict, plots: dict[str, str] | None = None) -> str:
         f"model `{meta['model']}` · {meta['texts']} texts ({meta['distinct_texts']} distinct) from `{meta['data']}` · "
         f"{'quick' if meta['quick'] else 'full'} run, {meta.get('duration_s', 0):.0f} s · settings: batch_max "
         f"{s['batch_max']}, window {s['batch_window_ms']:g} ms, token budget {s['batch_max_tokens']}, "
-        f"inference threads {s['inference_threads']} (0 = ORT default), {s['partitions']} partitions",
+        f"inference streams {s.get('inference_streams', 1)} × threads {s['inference_threads']} (0 = auto), "
+        f"{s['partitions']} partitions",
         "",
         "## Targets",
         "",
@@ -176,19 +177,20 @@ def markdown(results: dict, plots: dict[str, str] | None = None) -> str:
     if (skip := _skip_line(raw)):
         lines += [skip, ""]
     else:
-        lines += ["| intra-op threads | batch size | token budget | order / session | texts/s | calls | padded / real tokens |",
+        lines += ["| intra-op threads × concurrent calls | batch size | token budget | order / session | texts/s | calls | padded / real tokens |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         best = raw["best"]
         for v in raw["variants"]:
             mark = " **(best)**" if v is best or v == best else ""
-            lines.append(f"| {v['threads']} | {v['batch_size']} | {v['max_tokens']} | "
+            lines.append(f"| {v['threads']} × {v.get('streams', 1)} | {v['batch_size']} | {v['max_tokens']} | "
                          f"{v['order']}{', spinning' if v.get('spinning') else ''} | "
                          f"{v['texts_per_s']:.1f}{mark}{_runs(v)} | {v['calls']} | "
                          f"{v['padded_tokens'] / max(1, v['tokens']):.2f} |")
-        by_t = ", ".join(f"{t} thread{'s' if t != '1' else ''}: {x:.1f}" for t, x in raw["best_by_threads"].items())
+        by_t = ", ".join(f"{_streams_label(t)}: {x:.1f}" for t, x in raw["best_by_threads"].items())
         rounds = raw.get("rounds", 1)
-        lines += ["", f"Best: **{best['texts_per_s']:.1f} texts/s** ({best['label']}). Best by intra-op threads "
-                  f"(texts/s): {by_t}." + (f" Each variant ran {rounds} times, interleaved; the table shows the best "
+        lines += ["", f"Best: **{best['texts_per_s']:.1f} texts/s** ({best['label']}). Best by intra-op threads × "
+                  f"concurrent session calls (texts/s): {by_t}. Concurrent calls share one session, each on its own "
+                  "thread, as the worker's `--inference-streams` does." + (f" Each variant ran {rounds} times, interleaved; the table shows the best "
                                            "run and, in brackets, every run." if rounds > 1 else ""), ""]
 
     # 2. pipeline + cache
@@ -199,7 +201,7 @@ def markdown(results: dict, plots: dict[str, str] | None = None) -> str:
     else:
         conf = pipe["configured"]
         lines += [f"{conf['texts']} JSON records in arrival order, batches of ≤ {conf['batch_max']} "
-                  f"(intra-op threads {pipe['inference_threads']}, 0 = ORT default). The Enricher sorts a batch by "
+                  f"({_pipe_threads(pipe)}). The Enricher sorts a batch by "
                   "token length and splits it into sub-batches within the padded-token budget:", "",
                   "| padded-token budget | texts/s | batch inference mean / max | padded / real tokens |",
                   "| --- | --- | --- | --- |"]
@@ -263,6 +265,12 @@ def markdown(results: dict, plots: dict[str, str] | None = None) -> str:
                          f"{ol['texts_per_s']:.1f} | **{_lat(ol['latency'])}** | {ol['batches']['count']} "
                          f"({ol['batches']['mean_size']:.1f}) | |")
         fo, lb = e2e["flat_out"], e2e["latency_budget"]
+        a, b = e2e["open_loop"].get("latency_to_processed"), e2e["open_loop"].get("latency_after_processed")
+        if a and b:
+            lines += ["", f"Where the open-loop latency goes (first rows): sent → `processed_at` (the input waiting "
+                      f"in the broker's held fetch, the batch window, queueing, inference) p50 / p99 "
+                      f"{a['p50_ms']:.0f} / {a['p99_ms']:.0f} ms; `processed_at` → seen by the bench's consumer "
+                      f"(publish, the output fetch) {b['p50_ms']:.0f} / {b['p99_ms']:.0f} ms."]
         if ov.get("on") and ov.get("off"):
             a, b = ov["on"]["flat_out"]["texts_per_s"], ov["off"]["flat_out"]["texts_per_s"]
             lines += ["", f"Overlap lever: the last two rows delay every publish by {rtt} ms (a networked cluster's "
@@ -306,13 +314,17 @@ def markdown(results: dict, plots: dict[str, str] | None = None) -> str:
     if (skip := _skip_line(sc)):
         lines += [skip, ""]
     else:
-        one, two = sc["one_worker_two_threads"], sc["two_workers_one_thread"]
-        lines += ["| configuration | texts/s | peak RSS per worker | CPU cores busy |", "| --- | --- | --- | --- |",
-                  f"| 1 worker × 2 intra-op threads | {one['flat_out']['texts_per_s']:.1f} | "
-                  f"{', '.join(f'{x:.0f}' for x in one['peak_rss_mb'])} MB | {_cpu(one['flat_out'])} |",
-                  f"| 2 workers × 1 intra-op thread | {two['flat_out']['texts_per_s']:.1f} | "
-                  f"{', '.join(f'{x:.0f}' for x in two['peak_rss_mb'])} MB | {_cpu(two['flat_out'])} |",
-                  "", f"2 workers / 1 worker: **{sc['ratio']:.2f}×**"
+        one, two = sc["one_worker"], sc["two_workers_one_thread"]
+        call = sc.get("one_worker_one_call_two_threads")
+        rows = [(f"1 worker, default ({_case_threads(one)})", one)]
+        if call:
+            rows.append((f"1 worker, {_case_threads(call)} (ONNX Runtime's own way)", call))
+        rows.append((f"2 workers × ({_case_threads(two)})", two))
+        lines += ["| configuration | texts/s | peak RSS per worker | CPU cores busy |", "| --- | --- | --- | --- |"]
+        for label, case in rows:
+            lines.append(f"| {label} | {case['flat_out']['texts_per_s']:.1f} | "
+                         f"{', '.join(f'{x:.0f}' for x in case['peak_rss_mb'])} MB | {_cpu(case['flat_out'])} |")
+        lines += ["", f"2 workers / 1 worker: **{sc['ratio']:.2f}×**"
                   + (f" (1-worker figure reused from {one['reused']})" if one.get("reused") else "")
                   + ("" if two.get("all_workers_busy", True) else " — the rebalance to both workers was not "
                      "confirmed before measuring") + ".", ""]
@@ -323,6 +335,26 @@ def markdown(results: dict, plots: dict[str, str] | None = None) -> str:
             lines.append(f"![{key.replace('_plot', '')}]({name})")
         lines.append("")
     return "\n".join(lines)
+
+
+def _streams_label(key: str) -> str:
+    """ "1x2" → "1 thread × 2 calls"; plain "2" (older files) → "2 threads"."""
+    t, _, k = key.partition("x")
+    text = f"{t} thread{'s' if t != '1' else ''}"
+    return text + (f" × {k} calls" if k and k != "1" else "")
+
+
+def _case_threads(case: dict) -> str:
+    k, t = case.get("inference_streams", 1), case.get("inference_threads", 0)
+    if k == 0:
+        return "streams auto: one 1-thread call per core"
+    return f"{k} call{'s' if k != 1 else ''} at once × {t or 'default'} thread{'s' if t != 1 else ''}"
+
+
+def _pipe_threads(pipe: dict) -> str:
+    if "streams" in pipe:
+        return f"{pipe['streams']} concurrent session call(s) × {pipe['threads'] or 'default'} intra-op thread(s)"
+    return f"intra-op threads {pipe['inference_threads']}, 0 = ORT default"
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Enrich Kafka text events with emotion scores.")
 
 ALL_FIELDS = tuple(Settings.model_fields)
-MODEL_FIELDS = ("model", "inference_threads", "providers", "batch_max_tokens", "include_text", "score_decimals",
+MODEL_FIELDS = ("model", "inference_threads", "inference_streams", "providers", "batch_max_tokens", "include_text", "score_decimals",
                 "max_text_chars", "max_record_bytes", "log_level")
 CONNECTION_FIELDS = ("broker", "security_protocol", "sasl_mechanism", "sasl_username", "sasl_password",
                      "ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_key_password", "partitions",
