@@ -110,7 +110,7 @@ class Settings(BaseModel):
     # --- Batching ----------------------------------------------------------------------------
     batch_max: int = Field(64, ge=1, description="Largest batch (records).", json_schema_extra={"group": "batching"})
     batch_window_ms: float = Field(
-        50.0, gt=0, description="A batch closes this long after the worker started waiting for it.",
+        50.0, gt=0, description="A batch closes this long after its first record arrived, or sooner at `batch_max`.",
         json_schema_extra={"group": "batching"},
     )
     publish_overlap: bool = Field(
