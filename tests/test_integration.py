@@ -16,9 +16,10 @@ pytestmark = pytest.mark.broker
 LABELS = open(__import__("pathlib").Path(__file__).parent / "fixtures/go_emotions_small/labels.txt").read().split()
 
 
-@pytest.mark.parametrize("overlap", [True, False], ids=["publish-overlap", "no-overlap"])
-def test_n_in_n_out_with_scores_ids_and_keys(topics, start_worker, overlap):
-    w = start_worker(topics, publish_overlap=overlap)
+@pytest.mark.parametrize("overlap,extra", [(True, {}), (False, {}), (True, {"batches_in_flight": 4, "batch_max": 8})],
+                         ids=["publish-overlap", "no-overlap", "four-batches-in-flight"])
+def test_n_in_n_out_with_scores_ids_and_keys(topics, start_worker, overlap, extra):
+    w = start_worker(topics, publish_overlap=overlap, **extra)
     n = 150
     values = [orjson.dumps({"id": f"id-{i}", "text": f"I am so happy about number {i}!", "seq": i}) for i in range(n)]
     topics.produce(values, keys=[f"key-{i}".encode() for i in range(n)])

@@ -1,8 +1,10 @@
 """The pipeline without Kafka: one output per valid record, dead letters for the rest, failures isolated."""
 
 import base64
+import time
 
 import numpy as np
+
 import orjson
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -145,6 +147,45 @@ def test_swap_model_changes_versions_from_the_next_batch(tiny, tmp_path):
     enricher.swap_model(other)
     second = orjson.loads(enricher(raw([orjson.dumps({"text": "same"})])).outputs[0].value)
     assert first["emotions"] != second["emotions"]  # not served from the old model's cache
+
+
+def test_swap_waits_for_batches_being_enriched_and_holds_new_ones_back(tiny, tmp_path):
+    """Two batches may be enriched at once; a model swap never lands inside one."""
+    import threading
+
+    release = threading.Event()
+
+    class Blocking:  # the tiny model, whose predict waits until released
+        def __init__(self, model):
+            self.model = model
+
+        def __getattr__(self, name):
+            return getattr(self.model, name)
+
+        def predict(self, *args, **kwargs):
+            release.wait(10)
+            return self.model.predict(*args, **kwargs)
+
+    other = EmotionModel.load(str(write_manifest(tmp_path, seed=5)))
+    enricher = Enricher(Blocking(tiny), Settings.from_env(environ={}))
+    results: dict = {}
+    first = threading.Thread(target=lambda: results.setdefault("first", enricher(raw([orjson.dumps({"text": "a"})]))))
+    first.start()
+    swap = threading.Thread(target=enricher.swap_model, args=(other,))
+    time.sleep(0.1)
+    swap.start()
+    time.sleep(0.1)
+    later = threading.Thread(target=lambda: results.setdefault("later", enricher(raw([orjson.dumps({"text": "a"})]))))
+    later.start()
+    time.sleep(0.1)
+    assert swap.is_alive() and "first" not in results and "later" not in results  # both wait for the first batch
+    release.set()
+    for t in (first, swap, later):
+        t.join(10)
+    first_out, later_out = (orjson.loads(results[k].outputs[0].value) for k in ("first", "later"))
+    assert first_out["emotions"] == orjson.loads(Enricher(tiny, Settings.from_env(environ={}))(
+        raw([orjson.dumps({"text": "a"})])).outputs[0].value)["emotions"]  # all old model
+    assert later_out["emotions"] != first_out["emotions"]  # all new model
 
 
 def test_passthrough_too_deep_to_encode_is_dead_lettered(tiny):

@@ -86,6 +86,19 @@ async def send_all(producer, topic: str, records: Sequence[Outgoing]) -> None:
         await asyncio.gather(*futures)
 
 
+async def _drained(queue: asyncio.Queue, publisher: asyncio.Task) -> None:
+    """Wait until the publisher task has handled everything queued; raise if it stopped instead."""
+    join = asyncio.ensure_future(queue.join())
+    try:
+        done, _ = await asyncio.wait({join, publisher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not join.done():
+            join.cancel()
+    if join not in done:
+        publisher.result()  # raises what stopped it
+        raise RuntimeError("the publisher stopped")
+
+
 async def broker_reachable(servers: Sequence[str], timeout: float = 2.0) -> bool:
     """True when a TCP connection to any bootstrap server opens."""
     for server in servers:
@@ -160,7 +173,8 @@ def create_app(settings: Settings, enricher: Enricher, exit_request: ExitRequest
     app = faust.App(settings.group_id, **faust_config(settings, datadir), agent_supervisor=CrashingSupervisor)
     source = app.topic(settings.input_topic, key_type=bytes, value_type=bytes,
                        key_serializer="raw", value_serializer="raw")
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emostream-infer")
+    in_flight_max = settings.batches_in_flight if settings.publish_overlap else 1
+    executor = ThreadPoolExecutor(max_workers=in_flight_max, thread_name_prefix="emostream-infer")
     app.emostream_executor = executor  # type: ignore[attr-defined]
     broker_down_since: list[float | None] = [None]
     txn = TransactionalPublisher(producer_factory(settings), settings.group_id, settings.output_topic,
@@ -209,43 +223,56 @@ def create_app(settings: Settings, enricher: Enricher, exit_request: ExitRequest
                              "dlq": len(result.dead_letters), "alerts": len(result.alerts),
                              "inference_ms": round(result.inference_s * 1000, 1)})
 
-    async def publish_and_finish(batch: Batch, result: BatchResult, batch_id: int) -> None:
-        await publish(batch.messages, result)
-        finish(batch, result, batch_id)
-
     @app.agent(source, name="enrich")
     async def enrich(stream) -> None:
-        """Batch → inference (executor thread) → publish → release offsets.
+        """Batch → inference (executor threads) → publish in batch order → release offsets.
 
-        With ``publish_overlap`` the publish of batch N runs while batch N+1 is inferred: at most
-        one batch is in flight to the broker, batches are published in order, and a batch's
-        offsets are released only once all its records are acknowledged.
+        Up to ``batches_in_flight`` batches are inferred at once while a publisher task publishes
+        finished ones strictly in batch order; a batch's offsets are released only once all its
+        records are acknowledged. Memory stays bounded: at most ``batches_in_flight`` inferring
+        plus as many waiting for the publisher. ``publish_overlap=false``: one batch at a time.
         """
         loop = asyncio.get_running_loop()
+        slots = asyncio.Semaphore(in_flight_max)
+        ready: asyncio.Queue = asyncio.Queue(maxsize=in_flight_max)
+
+        async def publisher() -> None:
+            while True:
+                batch, batch_id, inferred = await ready.get()
+                try:
+                    result: BatchResult = await inferred
+                    await publish(batch.messages, result)
+                    finish(batch, result, batch_id)
+                finally:
+                    ready.task_done()
+
+        publishing = asyncio.create_task(publisher())
         batch_id = 0
-        in_flight: asyncio.Task | None = None
         try:
             async for batch in batches(stream, settings.batch_max, settings.batch_window_s):
                 batch_id += 1
-                result: BatchResult = await loop.run_in_executor(executor, enricher, batch.messages)
-                if in_flight is not None:
-                    await in_flight  # keeps publishing in batch order; raises if it failed
-                    in_flight = None
-                if settings.publish_overlap:
-                    in_flight = asyncio.create_task(publish_and_finish(batch, result, batch_id))
-                else:
-                    await publish_and_finish(batch, result, batch_id)
-            if in_flight is not None:
-                await in_flight
+                await slots.acquire()
+                inferred = loop.run_in_executor(executor, enricher, batch.messages)
+                inferred.add_done_callback(lambda _: slots.release())
+                put = asyncio.ensure_future(ready.put((batch, batch_id, inferred)))
+                await asyncio.wait({put, publishing}, return_when=asyncio.FIRST_COMPLETED)
+                if publishing.done():
+                    put.cancel()
+                    publishing.result()  # raises what stopped it
+                    raise RuntimeError("the publisher stopped")
+                if not settings.publish_overlap:
+                    await _drained(ready, publishing)
+            await _drained(ready, publishing)
         finally:
-            if in_flight is not None and not in_flight.done():
-                # Shutting down: give the batch already being published a moment to finish (its
-                # offsets are then committed, fewer duplicates for the next owner), else drop it
-                # unreleased — it is read again, never lost.
+            if not publishing.done():
+                # Shutting down: give batches already inferred a moment to be published (their
+                # offsets are then committed, fewer duplicates for the next owner), else drop
+                # them unreleased — they are read again, never lost.
                 try:
-                    await asyncio.wait_for(asyncio.shield(in_flight), timeout=5.0)
+                    await asyncio.wait_for(asyncio.shield(_drained(ready, publishing)), timeout=5.0)
                 except BaseException:  # noqa: BLE001 - cancelled or timed out: nothing was released
-                    in_flight.cancel()
+                    pass
+                publishing.cancel()
 
     def _count_assigned() -> int:
         try:

@@ -13,6 +13,7 @@ single inference thread.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -40,7 +41,10 @@ class CachedResult:
 
 
 class ResultCache:
-    """LRU of ``text_key → CachedResult`` holding at most ``max_entries`` entries."""
+    """LRU of ``text_key → CachedResult`` holding at most ``max_entries`` entries.
+
+    Thread-safe: the worker may infer two batches at once (``batches_in_flight``).
+    """
 
     def __init__(self, max_entries: int):
         if max_entries < 1:
@@ -50,6 +54,7 @@ class ResultCache:
         self.hits = 0
         self.misses = 0
         self.evictions = 0
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._data)
@@ -59,29 +64,33 @@ class ResultCache:
 
     def get(self, key: bytes) -> CachedResult | None:
         """The entry (now most recent) or None; counts a hit or a miss."""
-        entry = self._data.get(key)
-        if entry is None:
-            self.misses += 1
-            return None
-        self._data.move_to_end(key)
-        self.hits += 1
-        return entry
+        with self._lock:
+            entry = self._data.get(key)
+            if entry is None:
+                self.misses += 1
+                return None
+            self._data.move_to_end(key)
+            self.hits += 1
+            return entry
 
     def put(self, key: bytes, entry: CachedResult) -> None:
         """Insert or refresh an entry, evicting the least recently used beyond the bound."""
-        self._data[key] = entry
-        self._data.move_to_end(key)
-        while len(self._data) > self.max_entries:
-            self._data.popitem(last=False)
-            self.evictions += 1
+        with self._lock:
+            self._data[key] = entry
+            self._data.move_to_end(key)
+            while len(self._data) > self.max_entries:
+                self._data.popitem(last=False)
+                self.evictions += 1
 
     def clear(self) -> None:
         """Drop every entry (after a model reload); counters keep running."""
-        self._data.clear()
+        with self._lock:
+            self._data.clear()
 
     def count_hit(self) -> None:
         """A record served without its own inference for another reason (a duplicate in the same batch)."""
-        self.hits += 1
+        with self._lock:
+            self.hits += 1
 
     def stats(self) -> dict:
         looked_up = self.hits + self.misses

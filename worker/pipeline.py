@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -66,7 +67,7 @@ def source_of(msg: RawMessage) -> dict:
 
 
 class Enricher:
-    """Callable over a batch of raw messages; thread-safe to call from one executor thread."""
+    """Callable over a batch of raw messages; several threads may call it at once."""
 
     def __init__(self, model: EmotionModel, settings: Settings, clock: Callable[[], float] = time.time,
                  cache_size: int = 0, rules: Sequence[Rule] = ()):
@@ -75,15 +76,27 @@ class Enricher:
         self.rules = list(rules)
         # Recent texts → results (duplicates / reposts skip inference); 0 = off.
         self.cache: ResultCache | None = ResultCache(cache_size) if cache_size > 0 else None
+        # Several batches may be enriched at once (batches_in_flight); a model swap waits until
+        # none is, and holds new ones back meanwhile, so no batch mixes two models.
+        self._gate = threading.Condition()
+        self._active = 0
+        self._swapping = False
         self.swap_model(model)
 
     def swap_model(self, model: EmotionModel) -> None:
-        """Use another model from the next batch on (called on the inference thread, between batches)."""
-        self.model = model
-        self.model_info = model.info
-        self._labels = {h.name: h.labels for h in model.heads}
-        if self.cache is not None:
-            self.cache.clear()  # cached results belong to the old model
+        """Use another model from the next batch on: waits for batches being enriched to finish."""
+        with self._gate:
+            self._swapping = True
+            try:
+                self._gate.wait_for(lambda: self._active == 0)
+                self.model = model
+                self.model_info = model.info
+                self._labels = {h.name: h.labels for h in model.heads}
+                if self.cache is not None:
+                    self.cache.clear()  # cached results belong to the old model
+            finally:
+                self._swapping = False
+                self._gate.notify_all()
 
     def cache_stats(self) -> dict:
         """Hits, misses, hit rate, entries and evictions of the result cache (``enabled`` False when off)."""
@@ -91,6 +104,17 @@ class Enricher:
 
     # -- steps -------------------------------------------------------------------------------
     def __call__(self, batch: Sequence[RawMessage]) -> BatchResult:
+        with self._gate:
+            self._gate.wait_for(lambda: not self._swapping)
+            self._active += 1
+        try:
+            return self._enrich(batch)
+        finally:
+            with self._gate:
+                self._active -= 1
+                self._gate.notify_all()
+
+    def _enrich(self, batch: Sequence[RawMessage]) -> BatchResult:
         result = BatchResult(size=len(batch))
         valid: list[ValidRecord] = []
         for msg in batch:

@@ -115,8 +115,14 @@ class Settings(BaseModel):
     )
     publish_overlap: bool = Field(
         True,
-        description="Infer the next batch while the previous one is being published (at most one batch in "
-        "flight to the broker; offsets still advance only after every record of a batch is acknowledged).",
+        description="Publish batches while the next ones are inferred (in batch order; offsets still advance "
+        "only after every record of a batch is acknowledged). Off: one batch at a time, end to end.",
+        json_schema_extra={"group": "batching"},
+    )
+    batches_in_flight: int = Field(
+        2, ge=1, le=16,
+        description="Batches inferred at once. With 2, the next batch is tokenized and starts on a free core "
+        "while the last sub-batch of the previous one finishes; outputs are still published in order.",
         json_schema_extra={"group": "batching"},
     )
     batch_max_tokens: int = Field(
