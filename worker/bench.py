@@ -107,6 +107,7 @@ class Plan:
     cache_size: int = 10_000
     open_loop_s: float = 15.0
     open_loop_min: int = 100
+    flat_out_records: int = 3000  # records per flat-out run through the broker (the texts repeated)
     warmup: int = 64
     scaling: bool = True
     t_batch_repeats: int = 15
@@ -122,7 +123,7 @@ def make_plan(quick: bool, n: int | None) -> Plan:
             n=n or 150,
             raw_variants=(RawVariant(T, 1, 4096), RawVariant(T, 64, 4096), RawVariant(1, 64, 4096),
                           RawVariant(1, 64, 512, streams=T)),
-            rounds=1, cache_size=2_000, open_loop_s=4.0, open_loop_min=40, warmup=16, scaling=False,
+            rounds=1, cache_size=2_000, open_loop_s=4.0, open_loop_min=40, warmup=16, scaling=False, flat_out_records=0,
             t_batch_repeats=5, token_budgets=(512,), fetch_wait_compare_ms=None, publish_rtt_ms=None,
         )
     return Plan(
@@ -718,10 +719,14 @@ async def _worker_case(broker_url: str, base: Settings, texts: Sequence[str], pl
                     result["all_workers_busy"] = await _settle(collector, producer, s, texts, plan, procs, rss,
                                                                progress, name)
                 if flat:
-                    task = progress.task(f"   {name}: {len(texts)} records flat out", len(texts))
+                    # The texts again as often as needed: a few seconds of flat-out are too few
+                    # batches to measure (the worker's cache is off, repeats cost full inference).
+                    k = max(len(texts), plan.flat_out_records)
+                    flat_texts = (list(texts) * (k // len(texts) + 1))[:k]
+                    task = progress.task(f"   {name}: {k} records flat out", k)
                     cpu = CpuMeter(procs, broker_pid)
-                    first = await _send_flat(producer, s.input_topic, texts, "flat")
-                    await collector.wait_for("flat", len(texts), max(120.0, len(texts) / 5), procs, progress, task)
+                    first = await _send_flat(producer, s.input_topic, flat_texts, "flat")
+                    await collector.wait_for("flat", k, max(120.0, k / 5), procs, progress, task)
                     result["flat_out"] = _phase_result(collector, "flat", first)
                     result["flat_out"]["cpu_cores_used"] = cpu.cores()
                 if open_loop:
@@ -924,6 +929,7 @@ def _meta(settings: Settings, data: Path, texts: Sequence[str], plan: Plan, opti
         "plan": {"raw_variants": [v.label for v in plan.raw_variants], "rounds": plan.rounds,
                  "token_budgets": list(plan.token_budgets), "open_loop_s": plan.open_loop_s,
                  "cache_size": plan.cache_size, "duplicate_fraction": plan.duplicate_fraction,
+                 "flat_out_records": plan.flat_out_records,
                  "warmup": plan.warmup},
     }
 
