@@ -16,7 +16,7 @@ def test_contract_defaults():
     s = Settings.from_env(environ={})
     assert s.broker == "kafka://127.0.0.1:9092"
     assert (s.input_topic, s.output_topic, s.dlq_topic) == ("texts", "texts.enriched", "texts.dlq")
-    assert (s.batch_max, s.batch_window_ms) == (64, 50)
+    assert (s.batch_max, s.batch_window_ms) == (256, 50)
     assert s.bootstrap_servers == ["127.0.0.1:9092"]
 
 

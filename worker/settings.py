@@ -108,7 +108,12 @@ class Settings(BaseModel):
     )
 
     # --- Batching ----------------------------------------------------------------------------
-    batch_max: int = Field(64, ge=1, description="Largest batch (records).", json_schema_extra={"group": "batching"})
+    batch_max: int = Field(
+        256, ge=1,
+        description="Largest batch (records). Large batches sort into sub-batches of similar length (less "
+        "padding) when a backlog builds; at low rates the window closes batches long before.",
+        json_schema_extra={"group": "batching"},
+    )
     batch_window_ms: float = Field(
         50.0, gt=0, description="A batch closes this long after its first record arrived, or sooner at `batch_max`.",
         json_schema_extra={"group": "batching"},
