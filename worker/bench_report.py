@@ -257,7 +257,7 @@ def markdown(results: dict, plots: dict[str, str] | None = None) -> str:
                 continue
             fo, ol = case["flat_out"], case["open_loop"]
             cpu = fo.get("cpu_cores_used", {})
-            lines.append(f"| {label} | flat out | {fo['records']} | **{fo['texts_per_s']:.1f}** | {_lat(fo['latency'])} | "
+            lines.append(f"| {label} | flat out | {fo['records']} | **{fo['texts_per_s']:.1f}**{_runs(fo)} | {_lat(fo['latency'])} | "
                          f"{fo['batches']['count']} ({fo['batches']['mean_size']:.1f}) | "
                          f"{cpu.get('workers', 0):.2f} / {cpu.get('broker', 0):.2f} / {cpu.get('bench_client', 0):.2f} / "
                          f"{cpu.get('other', 0):.2f} |")
@@ -279,6 +279,7 @@ def markdown(results: dict, plots: dict[str, str] | None = None) -> str:
                       f"{a:.1f} vs {b:.1f} texts/s ({a / b:.2f}×) flat out."]
         lines += [
             "",
+            f"Flat out: the best of {len(fo.get('runs_texts_per_s') or [1])} runs (all in brackets), as for the raw model. "
             f"texts/s is the steady state (outputs after the first 10 %, over the time since; from the first send: "
             f"{fo['texts_per_s_from_first_send']:.1f}). The worker runs with `EMOSTREAM_CACHE_SIZE=0` (the bench "
             f"sends its texts again in each phase; the cache is measured in section 2). Latency = the output seen by the bench's consumer − `sent_at` "
