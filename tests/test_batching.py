@@ -181,3 +181,20 @@ def test_buffered_records_never_handed_out_stay_uncommitted():
             await nxt
         assert not event.message.committable
     run(main())
+
+
+def test_window_zero_hands_out_whatever_has_arrived():
+    """Continuous batching: no wait for more records once the agent asks."""
+    async def main():
+        s = Stream()
+        gen = batches(s, 100, window_s=0.0)
+        nxt = asyncio.ensure_future(_next(gen))
+        await started(s)
+        await s.deliver(0)
+        batch = await nxt
+        assert [m.offset for m in batch.messages] == [0]
+        for i in (1, 2, 3):  # arrive while the agent is busy: one batch when it asks again
+            await s.deliver(i)
+        assert [m.offset for m in (await _next(gen)).messages] == [1, 2, 3]
+        await gen.aclose()
+    run(main())

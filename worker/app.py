@@ -249,9 +249,17 @@ def create_app(settings: Settings, enricher: Enricher, exit_request: ExitRequest
         publishing = asyncio.create_task(publisher())
         batch_id = 0
         try:
-            async for batch in batches(stream, settings.batch_max, settings.batch_window_s):
-                batch_id += 1
+            taking = batches(stream, settings.batch_max, settings.batch_window_s).__aiter__()
+            while True:
+                # A free inference slot first, then the batch: what waited meanwhile joins it, and
+                # with batch_window_ms=0 a batch is whatever arrived by the time a slot is free.
                 await slots.acquire()
+                try:
+                    batch = await taking.__anext__()
+                except StopAsyncIteration:
+                    slots.release()
+                    break
+                batch_id += 1
                 inferred = loop.run_in_executor(executor, enricher, batch.messages)
                 inferred.add_done_callback(lambda _: slots.release())
                 put = asyncio.ensure_future(ready.put((batch, batch_id, inferred)))

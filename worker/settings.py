@@ -115,7 +115,8 @@ class Settings(BaseModel):
         json_schema_extra={"group": "batching"},
     )
     batch_window_ms: float = Field(
-        50.0, gt=0, description="A batch closes this long after its first record arrived, or sooner at `batch_max`.",
+        50.0, ge=0, description="A batch closes this long after its first record arrived, or sooner at `batch_max`. "
+        "0: continuous batching, a batch is whatever arrived by the time an inference slot is free.",
         json_schema_extra={"group": "batching"},
     )
     publish_overlap: bool = Field(
