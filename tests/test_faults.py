@@ -291,7 +291,8 @@ def test_inference_failure_isolated_end_to_end(broker, start_worker):
 
 # -- 6. backpressure ---------------------------------------------------------------------------
 def test_slow_publishing_pauses_consumption_and_memory_stays_bounded(broker, start_worker):
-    t = Topics(broker, partitions=2, buffer_max=256)
+    # Batches of 64 published one per 400 ms: ~160 records/s get out, far fewer than are waiting.
+    t = Topics(broker, partitions=2, buffer_max=256, batch_max=64)
     w = start_worker(t, fault_publish_delay_ms=400)
     assert w.wait_for_log("Worker ready", 90)
     proc = psutil.Process(w.proc.pid)
