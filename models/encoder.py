@@ -13,7 +13,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -179,8 +179,6 @@ class Encoder:
         self.tokenizer.enable_truncation(max_length=spec.max_length)
         self.streams, self.threads = plan_streams(streams, threads, resolve_providers(providers)[0])
         self.session = make_session(spec.onnx, self.threads, providers, spinning)
-        if self.session.get_providers()[0] != "CPUExecutionProvider" and streams <= 0:
-            self.streams = 1  # auto on a GPU (also when the CPU was asked for first but a GPU came up)
         # ONNX Runtime releases the GIL in run() and a session may be run from several threads at once.
         self._pool = ThreadPoolExecutor(self.streams, thread_name_prefix="emostream-stream") \
             if self.streams > 1 else None
@@ -214,6 +212,12 @@ class Encoder:
             return hidden.astype(np.float32, copy=False), extra
         return pool(hidden, mask, self.spec.pooling, self.spec.normalize), extra
 
+    def run_chunks(self, chunks: Sequence[list[list[int]]]) -> Iterator[tuple[np.ndarray, list[np.ndarray]]]:
+        """``_run`` over each chunk of token ids, in order; on the streams at once when there are several."""
+        if self._pool is not None and len(chunks) > 1:
+            return self._pool.map(self._run, chunks)
+        return map(self._run, chunks)
+
     def embed(self, texts: Sequence[str], max_tokens: int = 4096) -> Encoded:
         """Embeddings in input order, computed in length-sorted sub-batches of ≤ max_tokens padded tokens."""
         if not texts:
@@ -225,12 +229,12 @@ class Encoder:
         out: np.ndarray | None = None
         extra: list[np.ndarray] = []
         padded = 0
-        runs = split_sorted(lengths[order], max_tokens)
-        chunks = [order[start:end] for start, end in
-                  (spread(runs, lengths[order], self.streams) if self._pool is not None else runs)]
-        feeds = [[ids[i] for i in chunk] for chunk in chunks]
-        results = self._pool.map(self._run, feeds) if self._pool is not None and len(feeds) > 1 else map(self._run, feeds)
-        for chunk, (emb, more) in zip(chunks, results):
+        sorted_lengths = lengths[order]
+        runs = split_sorted(sorted_lengths, max_tokens)
+        if self._pool is not None:
+            runs = spread(runs, sorted_lengths, self.streams)
+        chunks = [order[start:end] for start, end in runs]
+        for chunk, (emb, more) in zip(chunks, self.run_chunks([[ids[i] for i in chunk] for chunk in chunks])):
             if out is None:
                 out = np.empty((len(ids), emb.shape[1]), dtype=np.float32)
                 extra = [np.empty((len(ids), *m.shape[1:]), dtype=np.float32) for m in more]

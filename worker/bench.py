@@ -277,8 +277,7 @@ def _raw_pass(model: EmotionModel, texts: Sequence[str], v: RawVariant, on_batch
         calls += 1
         padded += width * (end - start)
         start = end
-    pool = encoder._pool if v.streams > 1 else None
-    for chunk, _ in zip(chunks, pool.map(encoder._run, chunks) if pool is not None else map(encoder._run, chunks)):
+    for chunk, _ in zip(chunks, encoder.run_chunks(chunks)):
         on_batch(len(chunk))
     seconds = time.perf_counter() - t0
     return {"threads": v.threads, "streams": v.streams, "batch_size": v.batch_size, "max_tokens": v.max_tokens,
