@@ -86,15 +86,16 @@ async def send_all(producer, topic: str, records: Sequence[Outgoing]) -> None:
         await asyncio.gather(*futures)
 
 
-async def _drained(queue: asyncio.Queue, publisher: asyncio.Task) -> None:
-    """Wait until the publisher task has handled everything queued; raise if it stopped instead."""
-    join = asyncio.ensure_future(queue.join())
+async def _unless_stopped(awaitable, publisher: asyncio.Task) -> None:
+    """Await ``awaitable``, but raise what stopped the publisher task if it ends first (it never
+    ends on its own: waiting on a queue it no longer serves would hang)."""
+    fut = asyncio.ensure_future(awaitable)
     try:
-        done, _ = await asyncio.wait({join, publisher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({fut, publisher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        if not join.done():
-            join.cancel()
-    if join not in done:
+        if not fut.done():
+            fut.cancel()
+    if publisher.done():
         publisher.result()  # raises what stopped it
         raise RuntimeError("the publisher stopped")
 
@@ -262,22 +263,17 @@ def create_app(settings: Settings, enricher: Enricher, exit_request: ExitRequest
                 batch_id += 1
                 inferred = loop.run_in_executor(executor, enricher, batch.messages)
                 inferred.add_done_callback(lambda _: slots.release())
-                put = asyncio.ensure_future(ready.put((batch, batch_id, inferred)))
-                await asyncio.wait({put, publishing}, return_when=asyncio.FIRST_COMPLETED)
-                if publishing.done():
-                    put.cancel()
-                    publishing.result()  # raises what stopped it
-                    raise RuntimeError("the publisher stopped")
+                await _unless_stopped(ready.put((batch, batch_id, inferred)), publishing)
                 if not settings.publish_overlap:
-                    await _drained(ready, publishing)
-            await _drained(ready, publishing)
+                    await _unless_stopped(ready.join(), publishing)
+            await _unless_stopped(ready.join(), publishing)
         finally:
             if not publishing.done():
                 # Shutting down: give batches already inferred a moment to be published (their
                 # offsets are then committed, fewer duplicates for the next owner), else drop
                 # them unreleased — they are read again, never lost.
                 try:
-                    await asyncio.wait_for(asyncio.shield(_drained(ready, publishing)), timeout=5.0)
+                    await asyncio.wait_for(asyncio.shield(_unless_stopped(ready.join(), publishing)), timeout=5.0)
                 except BaseException:  # noqa: BLE001 - cancelled or timed out: nothing was released
                     pass
                 publishing.cancel()
