@@ -144,7 +144,7 @@ def markdown(results: dict, plots: dict[str, str] | None = None) -> str:
         f"model `{meta['model']}` · {meta['texts']} texts ({meta['distinct_texts']} distinct) from `{meta['data']}` · "
         f"{'quick' if meta['quick'] else 'full'} run, {meta.get('duration_s', 0):.0f} s · settings: batch_max "
         f"{s['batch_max']}, window {s['batch_window_ms']:g} ms, token budget {s['batch_max_tokens']}, "
-        f"inference streams {s.get('inference_streams', 1)} × threads {s['inference_threads']} (0 = auto), "
+        f"inference streams {s['inference_streams']} × threads {s['inference_threads']} (0 = auto), "
         f"{s['partitions']} partitions",
         "",
         "## Targets",
@@ -182,7 +182,7 @@ def markdown(results: dict, plots: dict[str, str] | None = None) -> str:
         best = raw["best"]
         for v in raw["variants"]:
             mark = " **(best)**" if v is best or v == best else ""
-            lines.append(f"| {v['threads']} × {v.get('streams', 1)} | {v['batch_size']} | {v['max_tokens']} | "
+            lines.append(f"| {v['threads']} × {v['streams']} | {v['batch_size']} | {v['max_tokens']} | "
                          f"{v['order']}{', spinning' if v.get('spinning') else ''} | "
                          f"{v['texts_per_s']:.1f}{mark}{_runs(v)} | {v['calls']} | "
                          f"{v['padded_tokens'] / max(1, v['tokens']):.2f} |")
@@ -201,7 +201,7 @@ def markdown(results: dict, plots: dict[str, str] | None = None) -> str:
     else:
         conf = pipe["configured"]
         lines += [f"{conf['texts']} JSON records in arrival order, batches of ≤ {conf['batch_max']} "
-                  f"({_pipe_threads(pipe)}). The Enricher sorts a batch by "
+                  f"({pipe['streams']} concurrent session call(s) × {pipe['threads'] or 'default'} intra-op thread(s)). The Enricher sorts a batch by "
                   "token length and splits it into sub-batches within the padded-token budget:", "",
                   "| padded-token budget | texts/s | batch inference mean / max | padded / real tokens |",
                   "| --- | --- | --- | --- |"]
@@ -339,23 +339,17 @@ def markdown(results: dict, plots: dict[str, str] | None = None) -> str:
 
 
 def _streams_label(key: str) -> str:
-    """ "1x2" → "1 thread × 2 calls"; plain "2" (older files) → "2 threads"."""
+    """ "1x2" → "1 thread × 2 calls", "2x1" → "2 threads"."""
     t, _, k = key.partition("x")
     text = f"{t} thread{'s' if t != '1' else ''}"
-    return text + (f" × {k} calls" if k and k != "1" else "")
+    return text + (f" × {k} calls" if k != "1" else "")
 
 
 def _case_threads(case: dict) -> str:
-    k, t = case.get("inference_streams", 1), case.get("inference_threads", 0)
+    k, t = case["inference_streams"], case["inference_threads"]
     if k == 0:
         return "streams auto: one 1-thread call per core"
     return f"{k} call{'s' if k != 1 else ''} at once × {t or 'default'} thread{'s' if t != 1 else ''}"
-
-
-def _pipe_threads(pipe: dict) -> str:
-    if "streams" in pipe:
-        return f"{pipe['streams']} concurrent session call(s) × {pipe['threads'] or 'default'} intra-op thread(s)"
-    return f"intra-op threads {pipe['inference_threads']}, 0 = ORT default"
 
 
 # --------------------------------------------------------------------------------------------
