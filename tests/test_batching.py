@@ -91,16 +91,22 @@ async def started(s: Stream) -> None:
     raise AssertionError("batches() never registered its processor")
 
 
+async def opened(batch_max: int, window_s: float):
+    """A stand-in stream, batches() over it, and the agent's first request for a batch (pending)."""
+    s = Stream()
+    gen = batches(s, batch_max, window_s=window_s)
+    first = asyncio.ensure_future(_next(gen))
+    await started(s)
+    return s, gen, first
+
+
 def run(coro):
     return asyncio.run(coro)
 
 
 def test_a_full_batch_goes_at_once_and_holds_its_offsets_until_release():
     async def main():
-        s = Stream()
-        gen = batches(s, 3, window_s=60.0)
-        first = asyncio.ensure_future(_next(gen))
-        await started(s)
+        s, gen, first = await opened(3, 60.0)
         assert s.passive and s.enable_acks is False
         events = [await s.deliver(i) for i in range(3)]
         batch = await first  # full: no 60 s window
@@ -114,10 +120,7 @@ def test_a_full_batch_goes_at_once_and_holds_its_offsets_until_release():
 
 def test_a_partial_batch_closes_one_window_after_its_first_record():
     async def main():
-        s = Stream()
-        gen = batches(s, 100, window_s=0.05)
-        nxt = asyncio.ensure_future(_next(gen))
-        await started(s)
+        s, gen, nxt = await opened(100, 0.05)
         await s.deliver(0)
         await s.deliver(1)
         batch = await nxt
@@ -128,10 +131,7 @@ def test_a_partial_batch_closes_one_window_after_its_first_record():
 
 def test_records_arriving_during_inference_are_buffered_and_an_overdue_batch_goes_at_once():
     async def main():
-        s = Stream()
-        gen = batches(s, 2, window_s=0.05)
-        nxt = asyncio.ensure_future(_next(gen))
-        await started(s)
+        s, gen, nxt = await opened(2, 0.05)
         await s.deliver(0)
         await s.deliver(1)
         await nxt  # the agent now "infers" this batch; meanwhile a record arrives
@@ -148,10 +148,7 @@ def test_records_arriving_during_inference_are_buffered_and_an_overdue_batch_goe
 
 def test_a_full_buffer_stops_the_stream_until_the_batch_is_taken():
     async def main():
-        s = Stream()
-        gen = batches(s, 2, window_s=0.3)
-        nxt = asyncio.ensure_future(_next(gen))
-        await started(s)
+        s, gen, nxt = await opened(2, 0.3)
         for i in range(2):
             await s.deliver(i)
         batch = await nxt
@@ -171,10 +168,7 @@ def test_a_full_buffer_stops_the_stream_until_the_batch_is_taken():
 
 def test_buffered_records_never_handed_out_stay_uncommitted():
     async def main():
-        s = Stream()
-        gen = batches(s, 10, window_s=60.0)
-        nxt = asyncio.ensure_future(_next(gen))
-        await started(s)
+        s, gen, nxt = await opened(10, 60.0)
         event = await s.deliver(0)
         nxt.cancel()  # the agent stops before the window closed
         with pytest.raises(asyncio.CancelledError):
@@ -186,10 +180,7 @@ def test_buffered_records_never_handed_out_stay_uncommitted():
 def test_window_zero_hands_out_whatever_has_arrived():
     """Continuous batching: no wait for more records once the agent asks."""
     async def main():
-        s = Stream()
-        gen = batches(s, 100, window_s=0.0)
-        nxt = asyncio.ensure_future(_next(gen))
-        await started(s)
+        s, gen, nxt = await opened(100, 0.0)
         await s.deliver(0)
         batch = await nxt
         assert [m.offset for m in batch.messages] == [0]
