@@ -90,9 +90,12 @@ def plan_streams(streams: int, threads: int, provider: str, cores: int | None = 
     that thread shares its core with the event loop and the broker client. A GPU runs one stream.
     """
     cores = cores or cpu_cores()
+    cpu = provider == "CPUExecutionProvider"
     if streams <= 0:
-        streams = 1 if provider != "CPUExecutionProvider" else cores
-    if threads <= 0 and streams > 1:
+        streams = cores if cpu else 1
+    if threads <= 0 and cpu:
+        # Never ONNX Runtime's own default here: it starts one thread per *physical* core of the
+        # machine and pins each to its core, escaping taskset / cpuset limits.
         threads = max(1, cores // streams)
     return streams, threads
 

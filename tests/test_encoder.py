@@ -1,5 +1,9 @@
 """Pooling and batching of the encoder against numpy on a tiny ONNX model the test builds."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -156,7 +160,8 @@ def test_plan_streams_auto_is_one_single_threaded_call_per_core_on_cpu():
     assert plan_streams(0, 0, "CPUExecutionProvider", cores=8) == (8, 1)
     assert plan_streams(0, 0, "CUDAExecutionProvider", cores=8) == (1, 0)  # a GPU: one stream
     assert plan_streams(2, 0, "CPUExecutionProvider", cores=8) == (2, 4)  # threads: the cores shared out
-    assert plan_streams(1, 0, "CPUExecutionProvider", cores=8) == (1, 0)  # one call: ONNX Runtime's default
+    assert plan_streams(1, 0, "CPUExecutionProvider", cores=8) == (1, 8)  # one call: all the cores, set by us
+    assert plan_streams(0, 0, "CPUExecutionProvider", cores=1) == (1, 1)  # never ONNX Runtime's default
     assert plan_streams(3, 2, "CPUExecutionProvider", cores=2) == (3, 2)  # explicit values are kept
 
 
@@ -206,3 +211,25 @@ def test_a_small_batch_is_split_over_the_streams(tmp_path):
     seen.clear()
     enc.embed(["alone"])  # one text: nothing to spread, no thread hop needed
     assert [n for _, n in seen] == [1]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to tell them apart")
+def test_threads_stay_on_the_cores_the_process_is_given(tmp_path):
+    """Under `taskset -c N` (or a cpuset) the encoder's threads stay on N: with its own default
+    thread count ONNX Runtime would start a thread per physical core, each pinned to its core."""
+    manifest = write_manifest(tmp_path)
+    core = min(os.sched_getaffinity(0))
+    code = (
+        "import glob, sys\n"
+        "from emostream.models.encoder import Encoder\n"
+        "from emostream.models.manifest import load_manifest\n"
+        "enc = Encoder(load_manifest(sys.argv[1]).backbone)\n"
+        "enc.embed(['one text', 'and another one'])\n"
+        "print(enc.streams, enc.threads)\n"
+        "for f in glob.glob('/proc/self/task/*/status'):\n"
+        "    print([l.split()[1] for l in open(f) if l.startswith('Cpus_allowed_list')][0])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(manifest)], capture_output=True, text=True, check=True,
+                         preexec_fn=lambda: os.sched_setaffinity(0, {core})).stdout.split("\n")
+    assert out[0] == "1 1"  # auto on one core: one single-threaded call
+    assert set(filter(None, out[1:])) == {str(core)}
