@@ -5,6 +5,7 @@ buffered during inference, backpressure, and which references are held until rel
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -12,8 +13,9 @@ from emostream.worker.batching import batches
 
 
 class Message:
-    def __init__(self, offset: int):
-        self.value, self.key, self.topic, self.partition, self.offset, self.timestamp = b"x", None, "t", 0, offset, 0.0
+    def __init__(self, offset: int, timestamp: float = 0.0):
+        self.value, self.key, self.topic, self.partition, self.offset = b"x", None, "t", 0, offset
+        self.timestamp = timestamp  # seconds since the epoch, as faust gives it; 0: none
         self.refs = 1  # the stream's own reference
         self.committable = False
 
@@ -26,8 +28,8 @@ class Message:
 
 
 class Event:
-    def __init__(self, offset: int):
-        self.message = Message(offset)
+    def __init__(self, offset: int, timestamp: float = 0.0):
+        self.message = Message(offset, timestamp)
         self.value = offset
 
     def ack(self):
@@ -70,8 +72,8 @@ class Stream:
     async def ack(self, event):
         event.ack()
 
-    async def deliver(self, offset: int) -> Event:
-        event = Event(offset)
+    async def deliver(self, offset: int, produced_s_ago: float | None = None) -> Event:
+        event = Event(offset, 0.0 if produced_s_ago is None else time.time() - produced_s_ago)
         self.current_event = event
         for p in self.processors:
             await p(event.value)
@@ -187,5 +189,31 @@ def test_window_zero_hands_out_whatever_has_arrived():
         for i in (1, 2, 3):  # arrive while the agent is busy: one batch when it asks again
             await s.deliver(i)
         assert [m.offset for m in (await _next(gen)).messages] == [1, 2, 3]
+        await gen.aclose()
+    run(main())
+
+
+def test_the_window_counts_from_when_the_oldest_record_was_produced():
+    """Time already spent in the broker (a held fetch, lag) comes off the window: a record produced
+    59.9 s ago does not wait a 60 s window again; one produced just now does."""
+    async def main():
+        s, gen, nxt = await opened(100, 60.0)
+        await s.deliver(0, produced_s_ago=0.0)
+        await asyncio.sleep(0.05)
+        assert not nxt.done()  # a fresh record: its window is still open
+        await s.deliver(1, produced_s_ago=59.9)  # older, arriving later: the batch is due sooner
+        batch = await nxt
+        assert [m.offset for m in batch.messages] == [0, 1]
+        await gen.aclose()
+    run(main())
+
+
+def test_a_timestamp_in_the_future_counts_as_arrival():
+    """A producer clock an hour ahead must not hold a batch an hour: the window then runs from arrival."""
+    async def main():
+        s, gen, nxt = await opened(100, 0.05)
+        await s.deliver(0, produced_s_ago=-3600.0)
+        batch = await nxt  # _next gives up after 5 s
+        assert [m.offset for m in batch.messages] == [0]
         await gen.aclose()
     run(main())

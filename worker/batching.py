@@ -7,6 +7,12 @@ during inference so waits for the rest of that inference *and then* a whole wind
 buffer keeps filling while a batch is inferred (up to ``batch_max``, then the stream waits:
 backpressure), and a batch whose oldest record has already waited its window goes at once.
 
+The window counts from when a record was *produced* (its Kafka timestamp), not from when it
+reached the worker: time a record already spent in the broker — a fetch held until data piles
+up, a consumer catching up — is part of the same latency budget, so the batch does not add a
+whole window on top. A timestamp in the future (producer clock ahead) or missing counts as
+arrival; one far in the past (clock behind, or lag) just lets the batch go as soon as asked.
+
 Offsets: ``take_events`` acknowledges a batch when the agent asks for the next one — and also
 when the agent is cancelled mid-batch, which would commit records never published. Here every
 event is *held* (one extra reference on its message) from the moment it is buffered, and only
@@ -18,6 +24,7 @@ out are never acknowledged, so a stop or crash leaves them for the next owner (a
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Sequence
 
@@ -43,19 +50,26 @@ class Batch:
 
 
 async def batches(stream, batch_max: int, window_s: float) -> AsyncIterator[Batch]:
-    """Yield batches of at most ``batch_max`` messages; a record waits at most ``window_s`` for its
-    batch to fill (0: take whatever has arrived as soon as the agent is free).
+    """Yield batches of at most ``batch_max`` messages; a batch goes at the latest ``window_s`` after
+    its oldest record was produced (0: take whatever has arrived as soon as the agent is free).
 
     Uses the mechanism of faust's own ``take_events`` (a stream processor fills a buffer while the
     stream is drained passively), with the window and hand-over described in the module docstring.
     """
     loop = asyncio.get_running_loop()
     events: list = []
-    arrived_at: list[float] = []
+    due: list[float] = []  # per buffered record (loop clock): its batch goes by then at the latest
+    head_due = float("inf")  # the earliest of due[:batch_max], the batch that goes next
     arrived = asyncio.Event()  # a record entered the buffer
-    full = asyncio.Event()  # the buffer holds batch_max records
+    wake = asyncio.Event()  # the buffer is full, or the next batch became due sooner
     room = asyncio.Event()  # the buffer has room again
     room.set()
+
+    def due_by(event) -> float:
+        now = loop.time()
+        ts = event.message.timestamp
+        age = time.time() - ts if ts and ts > 0 else 0.0
+        return now + window_s - max(0.0, age)
 
     async def add_to_buffer(value):
         while len(events) >= batch_max:  # backpressure: the stream (and faust's fetcher) wait
@@ -66,12 +80,16 @@ async def batches(stream, batch_max: int, window_s: float) -> AsyncIterator[Batc
         event = stream.current_event
         if event is None:
             raise RuntimeError("batching: the stream has no current event")
+        nonlocal head_due
         event.message.incref()  # held until Batch.release
         events.append(event)
-        arrived_at.append(loop.time())
+        due.append(due_by(event))
         arrived.set()
+        if len(events) <= batch_max and due[-1] < head_due:
+            head_due = due[-1]
+            wake.set()
         if len(events) >= batch_max:
-            full.set()
+            wake.set()
         return value
 
     stream.enable_acks = False  # acknowledged below at hand-out; committed only at release
@@ -82,14 +100,15 @@ async def batches(stream, batch_max: int, window_s: float) -> AsyncIterator[Batc
             arrived.clear()
             await stream.wait_for_stopped(arrived)
             continue
-        left = window_s - (loop.time() - arrived_at[0])
+        left = head_due - loop.time()
         if len(events) < batch_max and left > 0:
-            full.clear()
-            await stream.wait_for_stopped(full, timeout=left)
+            wake.clear()
+            await stream.wait_for_stopped(wake, timeout=left)
             continue
         taken = events[:batch_max]
-        del events[:len(taken)], arrived_at[:len(taken)]
-        full.clear()
+        del events[:len(taken)], due[:len(taken)]
+        head_due = min(due[:batch_max], default=float("inf"))
+        wake.clear()
         room.set()
         for event in taken:
             await stream.ack(event)  # our own reference keeps the offset uncommitted

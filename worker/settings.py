@@ -115,7 +115,9 @@ class Settings(BaseModel):
         json_schema_extra={"group": "batching"},
     )
     batch_window_ms: float = Field(
-        50.0, ge=0, description="A batch closes this long after its first record arrived, or sooner at `batch_max`. "
+        50.0, ge=0, description="A batch goes at the latest this long after its oldest record was produced (its "
+        "Kafka timestamp; arrival, if that is later or missing), or sooner at `batch_max`. Time spent in the broker "
+        "counts: the window is a latency budget, not a wait added on top. "
         "0: continuous batching, a batch is whatever arrived by the time an inference slot is free.",
         json_schema_extra={"group": "batching"},
     )
