@@ -229,3 +229,75 @@ def test_cpu_ceiling_is_what_broker_and_load_generator_leave():
     line = _cpu_ceiling(results)
     assert "0.20 of 2 cores" in line and "90%" in line and "360.0 texts/s" in line
     assert _cpu_ceiling({"meta": {}}) is None
+
+
+# --- stage 5: the worker on a core of its own -------------------------------------------------
+TWO_CORES = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")
+
+
+@TWO_CORES
+def test_pinned_moves_every_thread_and_puts_it_back():
+    import threading
+
+    from emostream.worker.bench import _threads_of, pinned
+
+    before = os.sched_getaffinity(0)
+    core = {min(before)}
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)
+    t.start()
+    try:
+        with pinned([os.getpid()], core):
+            assert {frozenset(os.sched_getaffinity(tid)) for tid in _threads_of(os.getpid())} == {frozenset(core)}
+        assert {frozenset(os.sched_getaffinity(tid)) for tid in _threads_of(os.getpid())} == {frozenset(before)}
+    finally:
+        stop.set()
+        t.join()
+
+
+@TWO_CORES
+def test_spawned_processes_run_on_the_cores_asked_for(tmp_path):
+    from emostream.worker.bench import spawn
+
+    core = {max(os.sched_getaffinity(0))}
+    cmd = [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"]
+    with spawn(cmd, [dict(os.environ)], tmp_path, "aff", cpus=core) as procs:
+        procs.procs[0].wait(30)
+    assert (tmp_path / "aff-0.log").read_text().strip() == str(sorted(core))
+
+
+def test_own_core_stage_is_skipped_in_quick_mode(tmp_path, tiny_manifest):
+    data = run_bench(BenchOptions(data=DEV, out=tmp_path, quick=True, n=20, model=str(tiny_manifest),
+                                  stages=("own_core",), progress=False, settings=Settings.from_env(environ={})))
+    assert data["own_core"] == {"skipped": "--quick"}
+    assert all("own_core" not in t for t in data["targets"])
+
+
+@TWO_CORES
+@pytest.mark.broker
+def test_own_core_stage_compares_the_pinned_worker_with_the_raw_model_on_its_core(tmp_path, tiny_manifest):
+
+    from emostream.worker import bench_report
+    from emostream.worker.bench import Plan, Progress, bench_own_core, load_texts
+    from emostream.worker.broker import EmbeddedBroker
+
+    texts = load_texts(DEV, 40)
+    plan = Plan(n=40, raw_variants=(), rounds=1, flat_out_records=40, open_loop_s=1.0, open_loop_min=20, warmup=8,
+                t_batch_repeats=2)
+    s = Settings.from_env(environ={}).model_copy(update={"model": str(tiny_manifest), "session_timeout_s": 10.0})
+    with EmbeddedBroker(log_path=tmp_path / "tansu.log") as broker, Progress(False) as progress:
+        own = bench_own_core(broker, s, texts, plan, progress, tmp_path)
+    assert own["cores"]["worker"] == [min(os.sched_getaffinity(0))]
+    assert set(own["cores"]["broker_and_bench"]) == os.sched_getaffinity(0) - set(own["cores"]["worker"])
+    for case in (own["worker"], own["naive"]):
+        assert case["flat_out"]["records"] == 40 and case["exit_codes"] == [0]
+        assert case["dead_letters"] == 0 and case["duplicate_outputs"] == 0
+    assert own["worker"]["open_loop"]["records"] >= 20 and own["worker"]["latency_budget"]["p99_bound_ms"] > 0
+    assert {v["threads"] for v in own["raw"]["variants"]} == {1} and own["raw"]["best"]["texts_per_s"] > 0
+    # The report: a targets column of its own and section 5, every ratio from these numbers.
+    results = {"meta": {"host": {"cpu_count": 2}}, "own_core": own}
+    targets = bench_report.evaluate_targets(results)
+    assert {t["id"] for t in targets} == TARGET_IDS and all(t["own_core"]["met"] is not None for t in targets)
+    ratio = own["worker"]["flat_out"]["texts_per_s"] / own["raw"]["best"]["texts_per_s"]
+    assert f"= {ratio:.0%}" in next(t for t in targets if t["id"] == "throughput_vs_raw")["own_core"]["measured"]
+    assert f"Worker / raw model on the same core: **{ratio:.0%}**" in "\n".join(bench_report._own_core_section(results))

@@ -18,6 +18,9 @@ Every stage runs on the same texts (GoEmotions dev by default) and returns a pla
    with the consumer fetch wait at faust's fixed 1500 ms (``EMOSTREAM_FETCH_MAX_WAIT_MS``).
 4. the same with the naive per-message agent (``emostream.worker.naive_agent``), and with two
    single-threaded workers in one consumer group against one worker with two threads.
+5. :func:`bench_own_core` — the worker (and the naive agent) pinned to one core while the broker
+   and the bench run on the others, as separate machines would, against the raw model on that
+   same core: the worker's own overhead without the load generator taking the model's CPU.
 
 Raw and pipeline variants run ``Plan.rounds`` times, interleaved, keeping each one's best run:
 the machine is shared and a burst of load elsewhere should not sink one variant.
@@ -57,7 +60,7 @@ from .settings import Settings, env_name
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path("../shared/data/go_emotions/dev.tsv")  # relative to the repository root
-ALL_STAGES = ("raw", "pipeline", "cache", "end_to_end", "naive", "scaling")
+ALL_STAGES = ("raw", "pipeline", "cache", "end_to_end", "naive", "scaling", "own_core")
 IN_PROCESS_STAGES = ("raw", "pipeline", "cache")
 MULTI_THREADS = 2  # "intra-op threads 1 vs 2"
 
@@ -286,7 +289,8 @@ def _raw_pass(model: EmotionModel, texts: Sequence[str], v: RawVariant, on_batch
             "padded_tokens": padded}
 
 
-def bench_raw(model_name: str, texts: Sequence[str], plan: Plan, progress: Progress) -> dict:
+def bench_raw(model_name: str, texts: Sequence[str], plan: Plan, progress: Progress,
+              title: str = "1. raw model (tokenize + ONNX)") -> dict:
     models: dict[tuple[int, bool], EmotionModel] = {}
 
     def model_for(v: RawVariant) -> EmotionModel:
@@ -298,7 +302,7 @@ def bench_raw(model_name: str, texts: Sequence[str], plan: Plan, progress: Progr
         return models[key]
 
     variants = list(plan.raw_variants)
-    task = progress.task("1. raw model (tokenize + ONNX)", plan.rounds * len(variants) * len(texts))
+    task = progress.task(title, plan.rounds * len(variants) * len(texts))
     for v in variants:
         model_for(v)
     runs: dict[RawVariant, list[dict]] = {v: [] for v in variants}
@@ -535,15 +539,19 @@ class CpuMeter:
 
 
 @contextmanager
-def spawn(cmd: list[str], envs: list[dict[str, str]], log_dir: Path, name: str) -> Iterator[Procs]:
-    """Start one process per env (cwd: a temp dir, so faust's data dirs stay out of the repo)."""
+def spawn(cmd: list[str], envs: list[dict[str, str]], log_dir: Path, name: str,
+          cpus: set[int] | None = None) -> Iterator[Procs]:
+    """Start one process per env (cwd: a temp dir, so faust's data dirs stay out of the repo),
+    on ``cpus`` only when given (their CPU affinity, like ``taskset``)."""
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     workdir = tempfile.mkdtemp(prefix="emostream-bench-")
     procs, logs = [], []
     try:
         for i, env in enumerate(envs):
             log = log_dir / f"{name}-{i}.log"
             with open(log, "wb") as fh:
-                procs.append(subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=workdir))
+                procs.append(subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=workdir,
+                                              preexec_fn=pin))
             logs.append(log)
         yield Procs(procs, logs, workdir)
     finally:
@@ -680,7 +688,8 @@ def _phase_result(collector: Collector, run: str, first_sent: float) -> dict:
 async def _worker_case(broker_url: str, base: Settings, texts: Sequence[str], plan: Plan, progress: Progress,
                        out_dir: Path, *, name: str, cmd: list[str], workers: int = 1,
                        threads: int | None = None, streams: int | None = None, flat: bool = True, open_loop: bool = False,
-                       open_loop_rate: float | None = None, broker_pid: int | None = None) -> dict:
+                       open_loop_rate: float | None = None, broker_pid: int | None = None,
+                       cpus: set[int] | None = None) -> dict:
     """Start ``workers`` processes of ``cmd`` on fresh topics, warm up, then run flat out (throughput)
     and/or open loop at half the flat-out rate or at ``open_loop_rate`` (latency)."""
     from aiokafka import AIOKafkaProducer
@@ -704,7 +713,7 @@ async def _worker_case(broker_url: str, base: Settings, texts: Sequence[str], pl
                     "inference_streams": s.inference_streams, "command": " ".join(cmd[1:]),
                     "partitions": s.partitions, "batch_max": s.batch_max, "batch_window_ms": s.batch_window_ms}
     try:
-        with spawn(cmd, [_env_for_one(s) for _ in range(workers)], out_dir, f"{name}-worker") as procs:
+        with spawn(cmd, [_env_for_one(s) for _ in range(workers)], out_dir, f"{name}-worker", cpus) as procs:
             rss = RssMonitor([p.pid for p in procs.procs])
             rss.start()
             try:
@@ -830,7 +839,7 @@ def run_bench(options: BenchOptions) -> dict:
         if "cache_size" in type(settings).model_fields:
             wupdate["cache_size"] = 0  # the bench repeats its texts across phases: every record must be inferred
         wsettings = settings.model_copy(update=wupdate)
-        if stages & {"end_to_end", "naive", "scaling"}:
+        if stages & {"end_to_end", "naive", "scaling", "own_core"}:
             from .broker import EmbeddedBroker
 
             with EmbeddedBroker(log_path=out / "tansu.log") as broker:
@@ -841,6 +850,8 @@ def run_bench(options: BenchOptions) -> dict:
                                                     name="naive", cmd=NAIVE_CMD)
                 if "scaling" in stages:
                     results["scaling"] = _scaling(broker, wsettings, texts, plan, progress, out, results)
+                if "own_core" in stages:
+                    results["own_core"] = bench_own_core(broker, wsettings, texts, plan, progress, out)
     results["meta"]["duration_s"] = round(time.time() - started, 1)
     try:
         results["meta"]["host"]["load_average_at_end"] = os.getloadavg()
@@ -909,6 +920,73 @@ def _scaling(broker, settings: Settings, texts, plan: Plan, progress: Progress, 
         case["flat_out"] = {k: v for k, v in case["flat_out"].items() if k != "latencies_ms"}
     return {"one_worker": one, "one_worker_one_call_two_threads": one_call, "two_workers_one_thread": two,
             "ratio": round(two["flat_out"]["texts_per_s"] / one["flat_out"]["texts_per_s"], 3)}
+
+
+
+# --------------------------------------------------------------------------------------------
+# stage 5: the worker on a core of its own
+def _threads_of(pid: int) -> list[int]:
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return [pid]
+
+
+@contextmanager
+def pinned(pids: Sequence[int], cpus: set[int]) -> Iterator[None]:
+    """Every thread of these processes on ``cpus`` for the block (``taskset -a``), as before after."""
+    before: dict[int, set[int]] = {}
+    for pid in pids:
+        for tid in _threads_of(pid):
+            try:
+                before[tid] = os.sched_getaffinity(tid)
+                os.sched_setaffinity(tid, cpus)
+            except OSError:  # the thread ended meanwhile
+                pass
+    try:
+        yield
+    finally:
+        for tid, old in before.items():
+            try:
+                os.sched_setaffinity(tid, old)
+            except OSError:
+                pass
+
+
+OWN_CORE_RAW = (RawVariant(1, 32, 4096), RawVariant(1, 64, 512), RawVariant(1, 64, 4096), RawVariant(1, 128, 1024))
+
+
+def bench_own_core(broker, settings: Settings, texts: Sequence[str], plan: Plan, progress: Progress,
+                   out: Path) -> dict:
+    """The worker and the naive agent pinned to one core, the broker and this process (producer,
+    consumer) to the others — what separate machines give — then the raw model on that core.
+
+    On a small machine the load generator and the broker otherwise take their CPU from the model:
+    this separates the worker's own overhead from theirs. The worker's automatic settings see one
+    core and run one single-threaded session call.
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    if not plan.scaling:
+        return {"skipped": "--quick"}
+    if len(cores) < 2:
+        return {"skipped": f"needs 2 cores, this process may use {len(cores)}"}
+    mine, others = {cores[0]}, set(cores[1:])
+    broker_pid = broker.proc.pid if getattr(broker, "proc", None) is not None else None
+    with pinned([os.getpid()] + ([broker_pid] if broker_pid else []), others):
+        worker = bench_worker(broker, settings, texts, plan, progress, out, name="own-core", cmd=WORKER_CMD,
+                              open_loop=True, cpus=mine)
+        naive = bench_worker(broker, settings, texts, plan, progress, out, name="own-core-naive", cmd=NAIVE_CMD,
+                             cpus=mine)
+    with pinned([os.getpid()], mine):
+        raw = bench_raw(settings.model, texts, Plan(n=plan.n, raw_variants=OWN_CORE_RAW, rounds=plan.rounds),
+                        progress, title="5. raw model on the worker's core")
+        model = EmotionModel.load(settings.model, threads=1, streams=1)
+        _latency_budget(worker, settings, texts, plan, lambda: model)
+    for case in (worker, naive):
+        for phase in ("flat_out", "open_loop"):
+            case.get(phase, {}).pop("latencies_ms", None)
+    return {"cores": {"worker": sorted(mine), "broker_and_bench": sorted(others)}, "raw": raw, "worker": worker,
+            "naive": naive}
 
 
 def _meta(settings: Settings, data: Path, texts: Sequence[str], plan: Plan, options: BenchOptions) -> dict:

@@ -21,21 +21,21 @@ def _get(d: dict, *path, default=None):
 
 def evaluate_targets(results: dict) -> list[dict]:
     """The issue's four targets: each with what was measured and whether it was met (None: not
-    measured) for the worker as configured, and under ``comparison`` the same for the run with the
-    consumer fetch wait at faust's fixed 1500 ms, when there is one."""
-    e2e = results.get("end_to_end") or {}
-    comp = e2e.get("fetch_wait_comparison")
-    main = _targets_for(results, e2e)
-    if comp:
-        for t, d in zip(main, _targets_for(results, comp)):
-            t["comparison"] = {"measured": d["measured"], "met": d["met"]}
+    measured) for the worker as configured, sharing the machine with the broker and the bench;
+    under ``own_core`` the same for the worker on a core of its own against the raw model and the
+    naive agent on that core, when that stage ran."""
+    main = _targets_for(results.get("end_to_end") or {}, _get(results, "raw", "best", "texts_per_s"),
+                        _get(results, "naive", "flat_out", "texts_per_s"))
+    own = results.get("own_core") or {}
+    if own.get("worker"):
+        for t, d in zip(main, _targets_for(own["worker"], _get(own, "raw", "best", "texts_per_s"),
+                                           _get(own, "naive", "flat_out", "texts_per_s"))):
+            t["own_core"] = {"measured": d["measured"], "met": d["met"]}
     return main
 
 
-def _targets_for(results: dict, case: dict) -> list[dict]:
+def _targets_for(case: dict, raw: float | None, naive: float | None) -> list[dict]:
     e2e = _get(case, "flat_out", "texts_per_s")
-    raw = _get(results, "raw", "best", "texts_per_s")
-    naive = _get(results, "naive", "flat_out", "texts_per_s")
     p99 = _get(case, "open_loop", "latency", "p99_ms")
     budget = _get(case, "latency_budget") or {}
     rss = _get(case, "max_peak_rss_mb")
@@ -151,13 +151,14 @@ def markdown(results: dict, plots: dict[str, str] | None = None) -> str:
         "",
     ]
     targets = results.get("targets", [])
-    diag_ms = _get(results, "end_to_end", "fetch_wait_comparison", "fetch_max_wait_ms")
-    mine_ms = _get(results, "meta", "worker_settings", "fetch_max_wait_ms")
-    if diag_ms:
-        lines += [f"| target | worker (fetch wait {mine_ms} ms) | met | same, fetch wait {diag_ms} ms (faust's own) | met |",
+    own = results.get("own_core") or {}
+    if any("own_core" in t for t in targets):
+        lines += [f"| target | worker sharing the {host['cpu_count']} cores with the broker and the bench | met | "
+                  f"worker on a core of its own (broker + bench on the other{'s' if host['cpu_count'] > 2 else ''}) "
+                  f"vs raw model and naive agent on that core | met |",
                   "| --- | --- | --- | --- | --- |"]
         for t in targets:
-            d = t.get("comparison") or {"measured": "—", "met": None}
+            d = t["own_core"]
             lines.append(f"| {t['target']} | {t['measured']} | {_yes(t['met'])} | {d['measured']} | {_yes(d['met'])} |")
     else:
         lines += ["| target | measured | met |", "| --- | --- | --- |"]
@@ -166,9 +167,11 @@ def markdown(results: dict, plots: dict[str, str] | None = None) -> str:
     lines += ["", "Targets are report lines, not test assertions. The machine is shared: numbers vary run to run."]
     if (ceiling := _cpu_ceiling(results)):
         lines.append(ceiling)
-    if diag_ms:
-        lines += [f"The last columns are the same worker with `EMOSTREAM_FETCH_MAX_WAIT_MS={diag_ms}`, the value faust "
-                  "fixes when nothing overrides it (see section 3)."]
+    if own.get("worker"):
+        lines += ["The last columns (section 5) pin the worker to one core and the broker and the bench's producer "
+                  "and consumer to the others, as separate machines would be, and compare with the raw model and "
+                  "the naive agent on that same core: the worker's own overhead, without the load generator "
+                  "taking the model's CPU."]
     lines.append("")
 
     # 1. raw
@@ -330,12 +333,51 @@ def markdown(results: dict, plots: dict[str, str] | None = None) -> str:
                   + ("" if two.get("all_workers_busy", True) else " — the rebalance to both workers was not "
                      "confirmed before measuring") + ".", ""]
 
+    lines += _own_core_section(results)
+
     if plots:
         lines += ["## Plots", ""]
         for key, name in sorted(plots.items()):
             lines.append(f"![{key.replace('_plot', '')}]({name})")
         lines.append("")
     return "\n".join(lines)
+
+
+def _own_core_section(results: dict) -> list[str]:
+    own = results.get("own_core", {})
+    lines = ["## 5. The worker on a core of its own", ""]
+    if (skip := _skip_line(own)):
+        return lines + [skip, ""]
+    cores = own["cores"]
+    raw, w, naive = own["raw"], own["worker"], own["naive"]
+    lines += [f"Worker (and, in turn, the naive agent) pinned to core {cores['worker']}; the broker and this process "
+              f"(producer, consumer) to {cores['broker_and_bench']}; then the raw model on core {cores['worker']}.",
+              "", "| raw model on the worker's core | texts/s | padded / real tokens |", "| --- | --- | --- |"]
+    for v in raw["variants"]:
+        best = " **(best)**" if v == raw["best"] else ""
+        lines.append(f"| {v['label']} | {v['texts_per_s']:.1f}{best}{_runs(v)} | "
+                     f"{v['padded_tokens'] / max(1, v['tokens']):.2f} |")
+    fo, ol, lb = w["flat_out"], w["open_loop"], w["latency_budget"]
+    nfo = naive["flat_out"]
+    lines += ["", "| on the core | run | texts/s | latency p50 / p95 / p99 | batches (mean size) | CPU cores busy |",
+              "| --- | --- | --- | --- | --- | --- |",
+              f"| worker | flat out | **{fo['texts_per_s']:.1f}**{_runs(fo)} | {_lat(fo['latency'])} | "
+              f"{fo['batches']['count']} ({fo['batches']['mean_size']:.1f}) | {_cpu(fo)} |",
+              f"| worker | open loop at {ol['rate_per_s']:.1f}/s (half capacity) | {ol['texts_per_s']:.1f} | "
+              f"**{_lat(ol['latency'])}** | {ol['batches']['count']} ({ol['batches']['mean_size']:.1f}) | |",
+              f"| naive agent | flat out | **{nfo['texts_per_s']:.1f}**{_runs(nfo)} | {_lat(nfo['latency'])} | "
+              f"{nfo['batches']['count']} ({nfo['batches']['mean_size']:.1f}) | {_cpu(nfo)} |",
+              "",
+              f"Worker / raw model on the same core: **{fo['texts_per_s'] / raw['best']['texts_per_s']:.0%}**; "
+              f"worker / naive agent: **{fo['texts_per_s'] / nfo['texts_per_s']:.2f}×**. Latency bound at half rate: "
+              f"window {lb['batch_window_ms']:g} ms + 2 × {lb['batch_inference_ms']:.1f} ms (in-process, one core, "
+              f"a batch of {lb['batch_size_at_half_rate']}) = {lb['p99_bound_ms']:.0f} ms. Peak RSS "
+              f"{w['max_peak_rss_mb']:.0f} MB."]
+    a, b = ol.get("latency_to_processed"), ol.get("latency_after_processed")
+    if a and b:
+        lines += [f"Open-loop latency: sent → `processed_at` p50 / p99 {a['p50_ms']:.0f} / {a['p99_ms']:.0f} ms; "
+                  f"`processed_at` → seen {b['p50_ms']:.0f} / {b['p99_ms']:.0f} ms."]
+    return lines + [""]
 
 
 def _streams_label(key: str) -> str:
