@@ -224,9 +224,10 @@ def bench(
     n: Optional[int] = typer.Option(None, "--n", min=1, help="Texts per stage [default: 1000, quick 150]."),
     model: Optional[str] = typer.Option(None, "--model", help="Model manifest name or path [default: settings]."),
     stages: Optional[str] = typer.Option(None, "--stages", help="Comma-separated subset of "
-                                         "raw,pipeline,cache,end_to_end,naive,scaling [default: all]."),
+                                         "raw,pipeline,cache,end_to_end,naive,scaling,own_core [default: all]."),
 ) -> None:
-    """Throughput and latency: raw model, pipeline, end to end through a broker, naive agent.
+    """Throughput and latency: raw model, pipeline, end to end through a broker, naive agent,
+    1 vs 2 workers, and the worker on a core of its own.
 
     The worker under test takes its settings from EMOSTREAM_* variables, so a lever is measured
     by running the bench with it set (e.g. EMOSTREAM_BATCH_MAX=256)."""
