@@ -283,7 +283,7 @@ def test_own_core_stage_compares_the_pinned_worker_with_the_raw_model_on_its_cor
 
     texts = load_texts(DEV, 40)
     plan = Plan(n=40, raw_variants=(), rounds=1, flat_out_records=40, open_loop_s=1.0, open_loop_min=20, warmup=8,
-                t_batch_repeats=2)
+                t_batch_repeats=2, window_sweep_ms=(0.0,))
     s = Settings.from_env(environ={}).model_copy(update={"model": str(tiny_manifest), "session_timeout_s": 10.0})
     with EmbeddedBroker(log_path=tmp_path / "tansu.log") as broker, Progress(False) as progress:
         own = bench_own_core(broker, s, texts, plan, progress, tmp_path)
@@ -300,4 +300,10 @@ def test_own_core_stage_compares_the_pinned_worker_with_the_raw_model_on_its_cor
     assert {t["id"] for t in targets} == TARGET_IDS and all(t["own_core"]["met"] is not None for t in targets)
     ratio = own["worker"]["flat_out"]["texts_per_s"] / own["raw"]["best"]["texts_per_s"]
     assert f"= {ratio:.0%}" in next(t for t in targets if t["id"] == "throughput_vs_raw")["own_core"]["measured"]
-    assert f"Worker / raw model on the same core: **{ratio:.0%}**" in "\n".join(bench_report._own_core_section(results))
+    section = "\n".join(bench_report._own_core_section(results))
+    assert f"Worker / raw model on the same core: **{ratio:.0%}**" in section
+    # The window sweep: the configured window and the one asked for, each with its own bound.
+    assert [x["batch_window_ms"] for x in own["window_sweep"]] == [0.0, s.batch_window_ms]
+    zero = own["window_sweep"][0]
+    assert zero["open_loop"]["records"] >= 20 and zero["latency_budget"]["batch_window_ms"] == 0.0
+    assert f"| {s.batch_window_ms:g} ms (as configured) |" in section and "| 0 ms |" in section

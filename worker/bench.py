@@ -20,7 +20,8 @@ Every stage runs on the same texts (GoEmotions dev by default) and returns a pla
    single-threaded workers in one consumer group against one worker with two threads.
 5. :func:`bench_own_core` — the worker (and the naive agent) pinned to one core while the broker
    and the bench run on the others, as separate machines would, against the raw model on that
-   same core: the worker's own overhead without the load generator taking the model's CPU.
+   same core: the worker's own overhead without the load generator taking the model's CPU; and
+   the open loop again at other batch windows, each against its own latency bound.
 
 Raw and pipeline variants run ``Plan.rounds`` times, interleaved, keeping each one's best run:
 the machine is shared and a burst of load elsewhere should not sink one variant.
@@ -117,6 +118,7 @@ class Plan:
     token_budgets: tuple[int, ...] = (1024, 512, 256)  # pipeline sweep, besides the configured one
     fetch_wait_compare_ms: int | None = 1500  # an extra worker run at this consumer fetch wait (faust's own)
     publish_rtt_ms: int | None = 60  # the overlap lever: worker runs with publishes this much slower, overlap on/off
+    window_sweep_ms: tuple[float, ...] = (100.0, 150.0)  # own-core stage: open loop again at these batch windows
 
 
 def make_plan(quick: bool, n: int | None) -> Plan:
@@ -977,16 +979,30 @@ def bench_own_core(broker, settings: Settings, texts: Sequence[str], plan: Plan,
                               open_loop=True, cpus=mine)
         naive = bench_worker(broker, settings, texts, plan, progress, out, name="own-core-naive", cmd=NAIVE_CMD,
                              cpus=mine)
+        # The p99 bound against the batch window: the same open loop at other windows.
+        sweep = []
+        for w in plan.window_sweep_ms:
+            if w != settings.batch_window_ms and worker.get("open_loop"):
+                sw = settings.model_copy(update={"batch_window_ms": w})
+                sweep.append((sw, bench_worker(broker, sw, texts, plan, progress, out, name=f"own-core-window-{w:g}ms",
+                                               cmd=WORKER_CMD, flat=False, open_loop=True, cpus=mine,
+                                               open_loop_rate=worker["open_loop"]["rate_per_s"])))
     with pinned([os.getpid()], mine):
         raw = bench_raw(settings.model, texts, Plan(n=plan.n, raw_variants=OWN_CORE_RAW, rounds=plan.rounds),
                         progress, title="5. raw model on the worker's core")
         model = EmotionModel.load(settings.model, threads=1, streams=1)
         _latency_budget(worker, settings, texts, plan, lambda: model)
-    for case in (worker, naive):
+        for sw, case in sweep:
+            _latency_budget(case, sw, texts, plan, lambda: model)
+    for case in (worker, naive, *(c for _, c in sweep)):
         for phase in ("flat_out", "open_loop"):
             case.get(phase, {}).pop("latencies_ms", None)
+    windows = [{"batch_window_ms": settings.batch_window_ms, "open_loop": worker.get("open_loop"),
+                "latency_budget": worker.get("latency_budget")}]
+    windows += [{"batch_window_ms": sw.batch_window_ms, "open_loop": c["open_loop"], "latency_budget": c["latency_budget"]}
+                for sw, c in sweep]
     return {"cores": {"worker": sorted(mine), "broker_and_bench": sorted(others)}, "raw": raw, "worker": worker,
-            "naive": naive}
+            "naive": naive, "window_sweep": sorted(windows, key=lambda x: x["batch_window_ms"])}
 
 
 def _meta(settings: Settings, data: Path, texts: Sequence[str], plan: Plan, options: BenchOptions) -> dict:
@@ -1010,7 +1026,7 @@ def _meta(settings: Settings, data: Path, texts: Sequence[str], plan: Plan, opti
         "plan": {"raw_variants": [v.label for v in plan.raw_variants], "rounds": plan.rounds,
                  "token_budgets": list(plan.token_budgets), "open_loop_s": plan.open_loop_s,
                  "cache_size": plan.cache_size, "duplicate_fraction": plan.duplicate_fraction,
-                 "flat_out_records": plan.flat_out_records,
+                 "flat_out_records": plan.flat_out_records, "window_sweep_ms": list(plan.window_sweep_ms),
                  "warmup": plan.warmup},
     }
 
