@@ -93,6 +93,10 @@ def broker(port: int = typer.Option(9092, "--port", "-p", help="Port on 127.0.0.
 @with_settings()
 def worker(settings: Settings) -> None:
     """Consume the input topic, enrich, publish; runs until SIGTERM/SIGINT."""
+    if settings.processes != 1:
+        from .processes import run_processes
+
+        raise typer.Exit(run_processes(settings))
     from .runner import run_worker
 
     raise typer.Exit(run_worker(settings))

@@ -180,6 +180,13 @@ class Settings(BaseModel):
         "`inference_streams`).",
         json_schema_extra={"group": "model"},
     )
+    processes: int = Field(
+        1, ge=0,
+        description="Worker processes this command runs, each a member of the consumer group pinned to its own "
+        "share of the cores (0 = one per core). One process per core avoids sharing a GIL and an event loop "
+        "between the cores; they split the partitions like separate workers.",
+        json_schema_extra={"group": "model"},
+    )
     inference_streams: int = Field(
         0, ge=0,
         description="Session calls run at once: a batch's length-sorted sub-batches are spread over this many "
