@@ -307,3 +307,29 @@ def test_own_core_stage_compares_the_pinned_worker_with_the_raw_model_on_its_cor
     zero = own["window_sweep"][0]
     assert zero["open_loop"]["records"] >= 20 and zero["latency_budget"]["batch_window_ms"] == 0.0
     assert f"| {s.batch_window_ms:g} ms (as configured) |" in section and "| 0 ms |" in section
+
+
+@TWO_CORES
+@pytest.mark.broker
+def test_scaling_stage_measures_one_worker_against_a_process_per_core(tmp_path, tiny_manifest):
+    from emostream.worker import bench_report
+    from emostream.worker.bench import Plan, Progress, _scaling, load_texts
+    from emostream.worker.broker import EmbeddedBroker
+
+    texts = load_texts(DEV, 40)
+    plan = Plan(n=40, raw_variants=(), rounds=1, flat_out_records=40, warmup=8, t_batch_repeats=2)
+    s = Settings.from_env(environ={}).model_copy(update={"model": str(tiny_manifest), "session_timeout_s": 10.0,
+                                                        "metrics_port": 0})
+    with EmbeddedBroker(log_path=tmp_path / "tansu.log") as broker, Progress(False) as progress:
+        sc = _scaling(broker, s, texts, plan, progress, tmp_path, {})
+    per_core = sc["processes_per_core"]
+    cores = len(os.sched_getaffinity(0))
+    # RSS and CPU are read from the command's children: one per core, each a worker of its own.
+    assert per_core["processes"] == 0 and len(per_core["peak_rss_mb"]) == cores == per_core["cores"]
+    assert all(mb > 50 for mb in per_core["peak_rss_mb"])
+    assert per_core["flat_out"]["records"] == 40 and per_core["flat_out"]["cpu_cores_used"]["workers"] > 0
+    assert sc["processes_ratio"] == round(per_core["flat_out"]["texts_per_s"]
+                                          / sc["one_worker"]["flat_out"]["texts_per_s"], 3)
+    md = "\n".join(bench_report._scaling_section({"scaling": sc}))
+    assert f"`--processes 0`: {cores} processes, each pinned to a core" in md
+    assert f"**{sc['processes_ratio']:.2f}×**" in md

@@ -57,6 +57,7 @@ from emostream.models.model import EmotionModel
 
 from .decode import RawMessage
 from .pipeline import Enricher
+from .processes import resolve
 from .settings import Settings, env_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -504,10 +505,10 @@ class Procs:
 class CpuMeter:
     """CPU time of the workers, the broker and this process over a phase, as cores busy on average."""
 
-    def __init__(self, procs: "Procs", broker_pid: int | None):
+    def __init__(self, worker_pids: Sequence[int], broker_pid: int | None):
         import psutil
 
-        self._groups = {"workers": [psutil.Process(p.pid) for p in procs.procs], "bench_client": [psutil.Process()]}
+        self._groups = {"workers": [psutil.Process(p) for p in worker_pids], "bench_client": [psutil.Process()]}
         if broker_pid:
             self._groups["broker"] = [psutil.Process(broker_pid)]
         self._t0 = time.monotonic()
@@ -691,9 +692,10 @@ async def _worker_case(broker_url: str, base: Settings, texts: Sequence[str], pl
                        out_dir: Path, *, name: str, cmd: list[str], workers: int = 1,
                        threads: int | None = None, streams: int | None = None, flat: bool = True, open_loop: bool = False,
                        open_loop_rate: float | None = None, broker_pid: int | None = None,
-                       cpus: set[int] | None = None) -> dict:
-    """Start ``workers`` processes of ``cmd`` on fresh topics, warm up, then run flat out (throughput)
-    and/or open loop at half the flat-out rate or at ``open_loop_rate`` (latency)."""
+                       cpus: set[int] | None = None, processes: int | None = None) -> dict:
+    """Start ``workers`` processes of ``cmd`` (each with ``--processes``, when given) on fresh topics,
+    warm up, then run flat out (throughput) and/or open loop at half the flat-out rate or at
+    ``open_loop_rate`` (latency)."""
     from aiokafka import AIOKafkaProducer
 
     from .kafka_io import client_kwargs, ensure_topics
@@ -705,18 +707,21 @@ async def _worker_case(broker_url: str, base: Settings, texts: Sequence[str], pl
         update["inference_threads"] = threads
     if streams is not None:
         update["inference_streams"] = streams
+    if processes is not None:
+        update["processes"] = processes
     s = base.model_copy(update=update)
     await ensure_topics(s, [s.input_topic, s.output_topic, s.dlq_topic])
     collector = Collector(s)
     await collector.start()
     producer = AIOKafkaProducer(acks="all", linger_ms=0, **client_kwargs(s))
     await producer.start()
-    result: dict = {"workers": workers, "inference_threads": s.inference_threads,
+    result: dict = {"workers": workers, "processes": s.processes, "inference_threads": s.inference_threads,
                     "inference_streams": s.inference_streams, "command": " ".join(cmd[1:]),
                     "partitions": s.partitions, "batch_max": s.batch_max, "batch_window_ms": s.batch_window_ms}
     try:
         with spawn(cmd, [_env_for_one(s) for _ in range(workers)], out_dir, f"{name}-worker", cpus) as procs:
-            rss = RssMonitor([p.pid for p in procs.procs])
+            pids = worker_pids(procs, resolve(s.processes, len(cpus or os.sched_getaffinity(0))))
+            rss = RssMonitor(pids)
             rss.start()
             try:
                 t_spawn = time.time()
@@ -725,7 +730,7 @@ async def _worker_case(broker_url: str, base: Settings, texts: Sequence[str], pl
                 await _send_flat(producer, s.input_topic, warm, "warm")
                 await collector.wait_for("warm", len(warm), 240, procs, progress, task)
                 result["ready_s"] = round(time.time() - t_spawn, 2)
-                if workers > 1:
+                if len(pids) > 1:
                     result["all_workers_busy"] = await _settle(collector, producer, s, texts, plan, procs, rss,
                                                                progress, name)
                 if flat:
@@ -737,7 +742,7 @@ async def _worker_case(broker_url: str, base: Settings, texts: Sequence[str], pl
                     for r in range(plan.rounds):  # like the raw model's variants: the best of the rounds
                         tag = "flat" if r == 0 else f"flat{r + 1}"
                         task = progress.task(f"   {name}: {k} records flat out (round {r + 1})", k)
-                        cpu = CpuMeter(procs, broker_pid)
+                        cpu = CpuMeter(pids, broker_pid)
                         first = await _send_flat(producer, s.input_topic, flat_texts, tag)
                         await collector.wait_for(tag, k, max(120.0, k / 5), procs, progress, task)
                         runs.append(dict(_phase_result(collector, tag, first), cpu_cores_used=cpu.cores()))
@@ -754,7 +759,7 @@ async def _worker_case(broker_url: str, base: Settings, texts: Sequence[str], pl
             finally:
                 rss.stop()
                 codes = procs.stop()
-            peaks = [rss.peak[p.pid] for p in procs.procs]
+            peaks = [rss.peak[p] for p in pids]
             result["peak_rss_mb"] = [round(b / 2**20, 1) for b in peaks]
             result["max_peak_rss_mb"] = round(max(peaks) / 2**20, 1)
             result["exit_codes"] = codes
@@ -766,11 +771,25 @@ async def _worker_case(broker_url: str, base: Settings, texts: Sequence[str], pl
     return result
 
 
+def worker_pids(procs: Procs, processes: int, timeout: float = 60.0) -> list[int]:
+    """The processes doing the work: each command's own, or its children under ``--processes``."""
+    import psutil
+
+    if processes <= 1:
+        return [p.pid for p in procs.procs]
+    deadline = time.monotonic() + timeout
+    while True:
+        kids = [[c.pid for c in psutil.Process(p.pid).children()] for p in procs.procs]
+        if all(len(k) >= processes for k in kids) or time.monotonic() > deadline:
+            return [pid for k in kids for pid in k] or [p.pid for p in procs.procs]
+        time.sleep(0.2)
+
+
 async def _settle(collector: Collector, producer, s: Settings, texts, plan: Plan, procs: Procs, rss: RssMonitor,
                   progress: Progress, name: str, rounds: int = 6) -> bool:
     """With several workers: send probe rounds until every worker did inference work (the group
     has rebalanced and each owns partitions)."""
-    size = min(len(texts), 2 * s.batch_max * len(procs.procs))
+    size = min(len(texts), 2 * s.batch_max * len(rss.peak))
     for r in range(rounds):
         before = rss.cpu_seconds()
         task = progress.task(f"   {name}: rebalance probe {r + 1}", size)
@@ -915,13 +934,21 @@ def _scaling(broker, settings: Settings, texts, plan: Plan, progress: Progress, 
                             cmd=WORKER_CMD, threads=MULTI_THREADS, streams=1)
     two = bench_worker(broker, settings, texts, plan, progress, out, name="two-workers-1-thread",
                        cmd=WORKER_CMD, workers=2, threads=1, streams=1)
-    keep = ("workers", "inference_threads", "inference_streams", "flat_out", "peak_rss_mb", "max_peak_rss_mb",
-            "ready_s", "reused", "all_workers_busy")
-    one, one_call, two = ({k: v for k, v in c.items() if k in keep} for c in (one, one_call, two))
-    for case in (one, one_call, two):
+    cores = len(os.sched_getaffinity(0))
+    per_core = bench_worker(broker, settings, texts, plan, progress, out, name="processes-per-core",
+                            cmd=WORKER_CMD, processes=0) if cores > 1 else None
+    keep = ("workers", "processes", "inference_threads", "inference_streams", "flat_out", "peak_rss_mb",
+            "max_peak_rss_mb", "ready_s", "reused", "all_workers_busy")
+    cases = [c for c in (one, one_call, two, per_core) if c is not None]
+    one, one_call, two, *rest = ({k: v for k, v in c.items() if k in keep} for c in cases)
+    for case in (one, one_call, two, *rest):
         case["flat_out"] = {k: v for k, v in case["flat_out"].items() if k != "latencies_ms"}
-    return {"one_worker": one, "one_worker_one_call_two_threads": one_call, "two_workers_one_thread": two,
-            "ratio": round(two["flat_out"]["texts_per_s"] / one["flat_out"]["texts_per_s"], 3)}
+    result = {"one_worker": one, "one_worker_one_call_two_threads": one_call, "two_workers_one_thread": two,
+              "ratio": round(two["flat_out"]["texts_per_s"] / one["flat_out"]["texts_per_s"], 3)}
+    if rest:
+        result["processes_per_core"] = dict(rest[0], cores=cores)
+        result["processes_ratio"] = round(rest[0]["flat_out"]["texts_per_s"] / one["flat_out"]["texts_per_s"], 3)
+    return result
 
 
 

@@ -312,8 +312,20 @@ def markdown(results: dict, plots: dict[str, str] | None = None) -> str:
                   f"**{fo['texts_per_s']:.1f} texts/s** flat out, latency p50/p95/p99 {_lat(fo['latency'])}, "
                   f"peak RSS {naive['max_peak_rss_mb']:.0f} MB, CPU cores busy {_cpu(fo)}.{ratio}", ""]
 
-    # scaling
-    lines += ["## 1 vs 2 worker processes (one consumer group, flat out)", ""]
+    lines += _scaling_section(results)
+    lines += _own_core_section(results)
+
+    if plots:
+        lines += ["## Plots", ""]
+        for key, name in sorted(plots.items()):
+            lines.append(f"![{key.replace('_plot', '')}]({name})")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _scaling_section(results: dict) -> list[str]:
+    """1 vs 2 worker processes, and a process per core."""
+    lines = ["## 1 vs 2 worker processes (one consumer group, flat out)", ""]
     sc = results.get("scaling", {})
     if (skip := _skip_line(sc)):
         lines += [skip, ""]
@@ -324,6 +336,10 @@ def markdown(results: dict, plots: dict[str, str] | None = None) -> str:
         if call:
             rows.append((f"1 worker, {_case_threads(call)} (ONNX Runtime's own way)", call))
         rows.append((f"2 workers × ({_case_threads(two)})", two))
+        per_core = sc.get("processes_per_core")
+        if per_core:
+            rows.append((f"1 worker, `--processes 0`: {len(per_core['peak_rss_mb'])} processes, each pinned to a core",
+                         per_core))
         lines += ["| configuration | texts/s | peak RSS per worker | CPU cores busy |", "| --- | --- | --- | --- |"]
         for label, case in rows:
             lines.append(f"| {label} | {case['flat_out']['texts_per_s']:.1f} | "
@@ -331,16 +347,10 @@ def markdown(results: dict, plots: dict[str, str] | None = None) -> str:
         lines += ["", f"2 workers / 1 worker: **{sc['ratio']:.2f}×**"
                   + (f" (1-worker figure reused from {one['reused']})" if one.get("reused") else "")
                   + ("" if two.get("all_workers_busy", True) else " — the rebalance to both workers was not "
-                     "confirmed before measuring") + ".", ""]
-
-    lines += _own_core_section(results)
-
-    if plots:
-        lines += ["## Plots", ""]
-        for key, name in sorted(plots.items()):
-            lines.append(f"![{key.replace('_plot', '')}]({name})")
-        lines.append("")
-    return "\n".join(lines)
+                     "confirmed before measuring") + "."
+                  + (f" One worker with a process per core (`--processes 0`) / the default single process: "
+                     f"**{sc['processes_ratio']:.2f}×**." if per_core else ""), ""]
+    return lines
 
 
 def _own_core_section(results: dict) -> list[str]:
@@ -437,6 +447,9 @@ def write_plots(results: dict, out: Path) -> dict[str, Path]:
     sc = results.get("scaling", {})
     if "two_workers_one_thread" in sc:
         bars.append(("end to end, 2 workers × 1 thread", sc["two_workers_one_thread"]["flat_out"]["texts_per_s"],
+                     "tab:red"))
+    if "processes_per_core" in sc:
+        bars.append(("end to end, 1 worker, a process per core", sc["processes_per_core"]["flat_out"]["texts_per_s"],
                      "tab:red"))
     if _get(results, "naive", "flat_out"):
         bars.append(("naive per-message agent", results["naive"]["flat_out"]["texts_per_s"], "tab:gray"))
