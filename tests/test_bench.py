@@ -333,3 +333,5 @@ def test_scaling_stage_measures_one_worker_against_a_process_per_core(tmp_path, 
     md = "\n".join(bench_report._scaling_section({"scaling": sc}))
     assert f"`--processes 0`: {cores} processes, each pinned to a core" in md
     assert f"**{sc['processes_ratio']:.2f}×**" in md
+    line = bench_report._processes_line({"raw": {"best": {"texts_per_s": 1000.0}}, "scaling": sc})
+    assert f"= {per_core['flat_out']['texts_per_s'] / 1000.0:.0%} of the raw model's best" in line
