@@ -80,7 +80,7 @@ class Settings(BaseModel):
         json_schema_extra={"group": "kafka"},
     )
     fetch_max_wait_ms: int = Field(
-        30, ge=1, le=60_000,
+        100, ge=1, le=60_000,
         description="Longest a consumer fetch waits for data (faust fixes 1500 ms). Kafka answers as soon as "
         "data arrives, so there it only paces an idle consumer's polls; a broker that holds the fetch, like "
         "the embedded one, adds up to this to each record's latency.",
