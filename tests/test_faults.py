@@ -115,9 +115,13 @@ def test_kill9_three_times_loses_nothing(broker, start_worker):
     in_flight = []
     for k in range(3):
         assert w.wait_for_log("Worker ready", 90), w.output()[-3000:]
-        # a random moment while records are flowing
+        # a random moment while records are flowing: after a random number more outputs, not a
+        # random time (a fast machine finished all 20,000 within three 2-6 s waits)
         before = end_offsets_total(t, t.settings.output_topic)
-        time.sleep(rng.uniform(2.0, 6.0))
+        target = before + rng.randint(300, 3000)
+        deadline = time.monotonic() + 120
+        while end_offsets_total(t, t.settings.output_topic) < target and time.monotonic() < deadline:
+            time.sleep(0.1)
         w.stop(signal.SIGKILL)
         committed = committed_offsets(t)
         outs = read_all(t, t.settings.output_topic, 1.5)
