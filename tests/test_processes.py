@@ -98,16 +98,22 @@ def _wait_ready(w, n: int, timeout: float = 90.0) -> None:
         time.sleep(0.2)
 
 
+def _start_two(t: Topics, start_worker, **extra):
+    """``emostream worker --processes 2`` until both children joined the group: (command, children)."""
+    w = start_worker(t, processes=2, **extra)
+    kids = _children(w.proc.pid, 2)
+    _wait_ready(w, 2)
+    return w, kids
+
+
 @pytest.mark.broker
 def test_two_processes_share_the_partitions_and_stop_together(broker, start_worker):
     t = Topics(broker, partitions=4)
     port = _two_free_ports()
-    w = start_worker(t, processes=2, metrics_port=port)
-    kids = _children(w.proc.pid, 2)
+    w, kids = _start_two(t, start_worker, metrics_port=port)
     if len(psutil.Process().cpu_affinity()) >= 2:
         masks = [set(k.cpu_affinity()) for k in kids]
         assert all(masks) and not masks[0] & masks[1], masks
-    _wait_ready(w, 2)
     time.sleep(3)  # let the group settle on both members
     n = 400
     t.produce([orjson.dumps({"id": str(i), "text": f"work item {i}"}) for i in range(n)],
@@ -124,9 +130,7 @@ def test_two_processes_share_the_partitions_and_stop_together(broker, start_work
 @pytest.mark.fault
 def test_a_crashed_process_stops_the_others_and_the_command_fails(broker, start_worker):
     t = Topics(broker, partitions=2)
-    w = start_worker(t, processes=2)
-    kids = _children(w.proc.pid, 2)
-    _wait_ready(w, 2)
+    w, kids = _start_two(t, start_worker)
     kids[0].kill()
     assert w.proc.wait(60) == 137, w.output()[-3000:]
     assert "exited (137); stopping the other 1" in w.output()
@@ -138,9 +142,7 @@ def test_a_crashed_process_stops_the_others_and_the_command_fails(broker, start_
 @pytest.mark.fault
 def test_children_do_not_outlive_a_killed_command(broker, start_worker):
     t = Topics(broker, partitions=2)
-    w = start_worker(t, processes=2)
-    kids = _children(w.proc.pid, 2)
-    _wait_ready(w, 2)
+    w, kids = _start_two(t, start_worker)
     w.proc.kill()
     gone, alive = psutil.wait_procs(kids, timeout=40)
     assert not alive, [k.pid for k in alive]

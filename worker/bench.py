@@ -921,8 +921,9 @@ def _latency_budget(case: dict, settings: Settings, texts, plan: Plan, get_model
 
 def _scaling(broker, settings: Settings, texts, plan: Plan, progress: Progress, out: Path,
              results: dict) -> dict:
-    """1 worker (the configured streams × threads) vs 2 single-threaded workers in one group, and
-    the 1 worker with one 2-thread call at a time (the ONNX Runtime default)."""
+    """1 worker (the configured streams × threads) vs 2 single-threaded workers in one group, the 1
+    worker with one 2-thread call at a time (the ONNX Runtime default), and 1 worker as a process
+    per core (``--processes 0``)."""
     if not plan.scaling:
         return {"skipped": "--quick"}
     e2e = results.get("end_to_end", {})
@@ -937,17 +938,19 @@ def _scaling(broker, settings: Settings, texts, plan: Plan, progress: Progress, 
     cores = len(os.sched_getaffinity(0))
     per_core = bench_worker(broker, settings, texts, plan, progress, out, name="processes-per-core",
                             cmd=WORKER_CMD, processes=0) if cores > 1 else None
-    keep = ("workers", "processes", "inference_threads", "inference_streams", "flat_out", "peak_rss_mb",
+    cases = {"one_worker": one, "one_worker_one_call_two_threads": one_call, "two_workers_one_thread": two}
+    if per_core is not None:
+        cases["processes_per_core"] = dict(per_core, cores=cores)
+    keep = ("workers", "processes", "cores", "inference_threads", "inference_streams", "flat_out", "peak_rss_mb",
             "max_peak_rss_mb", "ready_s", "reused", "all_workers_busy")
-    cases = [c for c in (one, one_call, two, per_core) if c is not None]
-    one, one_call, two, *rest = ({k: v for k, v in c.items() if k in keep} for c in cases)
-    for case in (one, one_call, two, *rest):
-        case["flat_out"] = {k: v for k, v in case["flat_out"].items() if k != "latencies_ms"}
-    result = {"one_worker": one, "one_worker_one_call_two_threads": one_call, "two_workers_one_thread": two,
-              "ratio": round(two["flat_out"]["texts_per_s"] / one["flat_out"]["texts_per_s"], 3)}
-    if rest:
-        result["processes_per_core"] = dict(rest[0], cores=cores)
-        result["processes_ratio"] = round(rest[0]["flat_out"]["texts_per_s"] / one["flat_out"]["texts_per_s"], 3)
+    result: dict = {}
+    for key, case in cases.items():
+        result[key] = {k: v for k, v in case.items() if k in keep}
+        result[key]["flat_out"] = {k: v for k, v in case["flat_out"].items() if k != "latencies_ms"}
+    base = result["one_worker"]["flat_out"]["texts_per_s"]
+    result["ratio"] = round(result["two_workers_one_thread"]["flat_out"]["texts_per_s"] / base, 3)
+    if per_core is not None:
+        result["processes_ratio"] = round(result["processes_per_core"]["flat_out"]["texts_per_s"] / base, 3)
     return result
 
 

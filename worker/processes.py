@@ -104,7 +104,6 @@ def run_processes(settings: Settings) -> int:
         return run_worker(settings.model_copy(update={"processes": 1}))
     stopping = threading.Event()
     procs: list[subprocess.Popen] = []
-
     signalled: set[int] = set()
 
     def stop_all(signum=None, frame=None) -> None:
