@@ -317,7 +317,9 @@ def test_scaling_stage_measures_one_worker_against_a_process_per_core(tmp_path, 
     from emostream.worker.broker import EmbeddedBroker
 
     texts = load_texts(DEV, 40)
-    plan = Plan(n=40, raw_variants=(), rounds=1, flat_out_records=40, warmup=8, t_batch_repeats=2)
+    # Enough records that the children's CPU time spans more than a few clock ticks (the tiny model
+    # ran 40 in under one tick, and their CPU read 0.0 once in a full run).
+    plan = Plan(n=40, raw_variants=(), rounds=1, flat_out_records=1000, warmup=8, t_batch_repeats=2)
     s = Settings.from_env(environ={}).model_copy(update={"model": str(tiny_manifest), "session_timeout_s": 10.0,
                                                         "metrics_port": 0})
     with EmbeddedBroker(log_path=tmp_path / "tansu.log") as broker, Progress(False) as progress:
@@ -327,7 +329,7 @@ def test_scaling_stage_measures_one_worker_against_a_process_per_core(tmp_path, 
     # RSS and CPU are read from the command's children: one per core, each a worker of its own.
     assert per_core["processes"] == 0 and len(per_core["peak_rss_mb"]) == cores == per_core["cores"]
     assert all(mb > 50 for mb in per_core["peak_rss_mb"])
-    assert per_core["flat_out"]["records"] == 40 and per_core["flat_out"]["cpu_cores_used"]["workers"] > 0
+    assert per_core["flat_out"]["records"] == 1000 and per_core["flat_out"]["cpu_cores_used"]["workers"] > 0
     assert sc["processes_ratio"] == round(per_core["flat_out"]["texts_per_s"]
                                           / sc["one_worker"]["flat_out"]["texts_per_s"], 3)
     md = "\n".join(bench_report._scaling_section({"scaling": sc}))
