@@ -1,5 +1,10 @@
-"""all-MiniLM-L6-v2 (BERT: 6 layers, 12 heads, hidden 384) in plain torch, loaded from safetensors,
-plus the multi-task emotion model (mean pooling → L2 normalisation → three linear heads)."""
+"""BERT-family encoders in plain torch, loaded from a HF folder (config.json + model.safetensors),
+plus the multi-task emotion model (mean pooling → L2 normalisation → three linear heads).
+
+Two layouts share one layer: BERT (all-MiniLM-L6-v2, the student; multilingual-e5-small) and
+MPNet (all-mpnet-base-v2, the teacher), which differs only in its embeddings (no token types,
+positions counted from ``pad_token_id + 1``) and a relative-position bias added to every layer's
+attention scores (T5-style buckets, one table shared by all layers)."""
 
 from __future__ import annotations
 
@@ -33,6 +38,9 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
+    model_type: str = "bert"  # or "mpnet"
+    pad_token_id: int = 0
+    relative_attention_num_buckets: int = 32  # mpnet only
 
     @classmethod
     def from_json(cls, path: str | Path) -> "BertConfig":
@@ -55,6 +63,7 @@ class Layer(nn.Module):
         self.attn_drop = c.attention_probs_dropout_prob
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """``bias``: added to the attention scores, [b, 1, 1, s] (padding) or [b, heads, s, s]."""
         b, s, h = x.shape
         d = h // self.n_heads
 
@@ -69,50 +78,76 @@ class Layer(nn.Module):
         return self.out_norm(x + self.drop(self.out(F.gelu(self.inter(x)))))
 
 
+def relative_position_bucket(relative: torch.Tensor, num_buckets: int = 32, max_distance: int = 128) -> torch.Tensor:
+    """MPNet's (T5's bidirectional) bucketing of key − query distances."""
+    half = num_buckets // 2
+    ret = (relative > 0).long() * half  # n = −relative < 0
+    n = relative.abs()
+    exact = half // 2
+    large = exact + (torch.log(n.float().clamp(min=1) / exact) / math.log(max_distance / exact)
+                     * (half - exact)).long()
+    return ret + torch.where(n < exact, n, large.clamp(max=half - 1))
+
+
 class Bert(nn.Module):
     """input_ids, attention_mask, token_type_ids [b, s] → last_hidden_state [b, s, hidden]."""
 
     def __init__(self, c: BertConfig):
         super().__init__()
         self.config = c
+        self.mpnet = c.model_type == "mpnet"
         self.word = nn.Embedding(c.vocab_size, c.hidden_size)
         self.position = nn.Embedding(c.max_position_embeddings, c.hidden_size)
-        self.token_type = nn.Embedding(c.type_vocab_size, c.hidden_size)
+        self.token_type = None if self.mpnet else nn.Embedding(c.type_vocab_size, c.hidden_size)
+        self.relative_bias = nn.Embedding(c.relative_attention_num_buckets, c.num_attention_heads) if self.mpnet else None
         self.emb_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.drop = nn.Dropout(c.hidden_dropout_prob)
         self.layers = nn.ModuleList(Layer(c) for _ in range(c.num_hidden_layers))
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         s = input_ids.shape[1]
-        pos = torch.arange(s, device=input_ids.device).unsqueeze(0)
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        x = self.word(input_ids) + self.position(pos) + self.token_type(token_type_ids)
+        if self.mpnet:  # positions of real tokens count from pad + 1 (right padding: pads never shift them)
+            pos = torch.cumsum(attention_mask, 1) * attention_mask + self.config.pad_token_id
+            x = self.word(input_ids) + self.position(pos)
+        else:
+            pos = torch.arange(s, device=input_ids.device).unsqueeze(0)
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(input_ids)
+            x = self.word(input_ids) + self.position(pos) + self.token_type(token_type_ids)
         x = self.drop(self.emb_norm(x))
         bias = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
+        if self.mpnet:
+            ar = torch.arange(s, device=input_ids.device)
+            buckets = relative_position_bucket(ar[None, :] - ar[:, None], self.config.relative_attention_num_buckets)
+            bias = bias + self.relative_bias(buckets).permute(2, 0, 1).unsqueeze(0)  # [1, heads, s, s]
         for layer in self.layers:
             x = layer(x, bias)
         return x
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path | None = None) -> "Bert":
-        """Load HF ``BertModel`` weights (config.json + model.safetensors)."""
+        """Load HF ``BertModel`` or ``MPNetModel`` weights (config.json + model.safetensors)."""
         from safetensors.torch import load_file
 
         model_dir = Path(model_dir) if model_dir else default_model_dir()
         model = cls(BertConfig.from_json(model_dir / "config.json"))
         sd = load_file(str(model_dir / "model.safetensors"))
-        sd = {k.removeprefix("bert."): v for k, v in sd.items()}
+        sd = {k.removeprefix("bert.").removeprefix("mpnet."): v for k, v in sd.items()}
         ours = {
             "word.weight": "embeddings.word_embeddings.weight",
             "position.weight": "embeddings.position_embeddings.weight",
-            "token_type.weight": "embeddings.token_type_embeddings.weight",
             "emb_norm.weight": "embeddings.LayerNorm.weight",
             "emb_norm.bias": "embeddings.LayerNorm.bias",
         }
-        names = {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
-                 "attn_out": "attention.output.dense", "attn_norm": "attention.output.LayerNorm",
-                 "inter": "intermediate.dense", "out": "output.dense", "out_norm": "output.LayerNorm"}
+        if model.mpnet:
+            ours["relative_bias.weight"] = "encoder.relative_attention_bias.weight"
+            names = {"query": "attention.attn.q", "key": "attention.attn.k", "value": "attention.attn.v",
+                     "attn_out": "attention.attn.o", "attn_norm": "attention.LayerNorm"}
+        else:
+            ours["token_type.weight"] = "embeddings.token_type_embeddings.weight"
+            names = {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
+                     "attn_out": "attention.output.dense", "attn_norm": "attention.output.LayerNorm"}
+        names |= {"inter": "intermediate.dense", "out": "output.dense", "out_norm": "output.LayerNorm"}
         for i in range(model.config.num_hidden_layers):
             for mine, theirs in names.items():
                 for p in ("weight", "bias"):
