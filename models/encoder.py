@@ -174,7 +174,12 @@ class Encoder:
     """One backbone: tokenization and the ONNX pass, nothing about emotions."""
 
     def __init__(self, spec: BackboneSpec, threads: int = 0, providers: Sequence[str] = ("auto",),
-                 spinning: bool = False, extra_outputs: Sequence[str] = (), streams: int = 1):
+                 spinning: bool = False, extra_outputs: Sequence[str] = (), streams: int = 1,
+                 cache_dir: str | os.PathLike | None = None):
+        """``cache_dir``: where an assembled backbone is built on first load (:mod:`.assembly`)."""
+        from .assembly import materialize
+
+        spec = materialize(spec, cache_dir)
         self.spec = spec
         self.tokenizer = Tokenizer.from_file(str(spec.tokenizer))
         # tokenizer.json files often fix padding/truncation (MiniLM's: 128); we pad per sub-batch.
@@ -198,7 +203,8 @@ class Encoder:
         self.dim = shape[-1] if isinstance(shape[-1], int) else None
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(list(texts))]
+        prefix = self.spec.prefix
+        return [e.ids for e in self.tokenizer.encode_batch([prefix + t for t in texts] if prefix else list(texts))]
 
     def _run(self, ids: list[list[int]]) -> tuple[np.ndarray, list[np.ndarray]]:
         n, width = len(ids), max(len(x) for x in ids)

