@@ -6,6 +6,11 @@ rule of :mod:`emostream.models.training.data`). Multi-label heads are scored at 
 thresholds (its ``thresholds.json``) and at a fixed 0.5; a single-label head by its argmax
 (``threshold`` is then reported as null) and, under ``fixed_0_5``, by ``p >= 0.5``.
 
+A *check set* (``--format check``) is the other kind of labelled data: a TSV with a header
+``id, language, <head>..., text`` — hand-written sentences, one clear label per head column, the
+same sentence in several languages under one id (``models/eval/multilingual_check.tsv``). It is
+scored per language by the top label (argmax) of every head that has a column.
+
 Needs no torch: numpy, onnxruntime and (for ``--plot``) matplotlib.
 """
 
@@ -83,7 +88,7 @@ def default_model() -> str:
 
 
 def evaluate(data: str | Path, head: str = "go_emotions", model: str | None = None, threads: int = 0,
-             data_dir: str | Path | None = None) -> dict:
+             data_dir: str | Path | None = None, cache_dir: str | None = None) -> dict:
     """Run ``model`` (manifest name or path; default: the worker's default model) on ``data`` and
     score ``head``. Mapping files are looked for beside ``data`` (else ``data_dir``, else built in)."""
     from .model import EmotionModel
@@ -92,7 +97,7 @@ def evaluate(data: str | Path, head: str = "go_emotions", model: str | None = No
         model = default_model()
     data = Path(data)
     data_dir = Path(data_dir) if data_dir else data.parent
-    em = EmotionModel.load(model, threads=threads)
+    em = EmotionModel.load(model, threads=threads, cache_dir=cache_dir)
     heads = {h.name: h for h in em.heads}
     if head not in heads:
         raise EvalError(f"model {em.manifest.name!r} has no head {head!r} (has {sorted(heads)})")
@@ -104,6 +109,73 @@ def evaluate(data: str | Path, head: str = "go_emotions", model: str | None = No
     gold = gold_labels(h.labels, y, data_dir)
     probs = h.from_encoded(em.encoder.embed(texts)).probs
     return report(probs, gold, h.labels, h.thresholds, h.spec.kind == "single_label", head)
+
+
+CHECK_FIXED = ("id", "language", "text")
+
+
+def read_check(path: str | Path) -> tuple[list[dict[str, str]], list[str]]:
+    """Rows of a check-set TSV (header ``id  language  <head>...  text``) and its head columns."""
+    lines = [l.rstrip("\r\n") for l in Path(path).read_text(encoding="utf-8").splitlines() if l.strip()]
+    if not lines:
+        raise EvalError(f"{path}: empty")
+    header = lines[0].split("\t")
+    if not set(CHECK_FIXED) <= set(header):
+        raise EvalError(f"{path}: a check set needs a header with {', '.join(CHECK_FIXED)} and one column per head, "
+                        f"got {header}")
+    rows = []
+    for lineno, line in enumerate(lines[1:], 2):
+        cells = line.split("\t")
+        if len(cells) != len(header):
+            raise EvalError(f"{path}:{lineno}: {len(cells)} columns, the header has {len(header)}")
+        rows.append(dict(zip(header, cells)))
+    return rows, [c for c in header if c not in CHECK_FIXED]
+
+
+def evaluate_check(data: str | Path, model: str | None = None, threads: int = 0,
+                   cache_dir: str | None = None) -> dict:
+    """Top-label accuracy per language (and over all languages but English) of every head the
+    check set has a column for; also each row's prediction, for reading the misses."""
+    from .model import EmotionModel
+
+    rows, columns = read_check(data)
+    em = EmotionModel.load(model or default_model(), threads=threads, cache_dir=cache_dir)
+    heads = [h for h in em.heads if h.name in columns]
+    if not heads:
+        raise EvalError(f"model {em.manifest.name!r} has none of the check set's heads {columns}")
+    for h in heads:
+        unknown = sorted({r[h.name] for r in rows} - set(h.labels))
+        if unknown:
+            raise EvalError(f"{data}: {h.name} labels {unknown} are not labels of the model's head ({h.labels})")
+    enc = em.encoder.embed([r["text"] for r in rows])
+    top = {h.name: [h.labels[i] for i in h.from_encoded(enc).top] for h in heads}
+    languages = list(dict.fromkeys(r["language"] for r in rows))
+    groups = {lang: [i for i, r in enumerate(rows) if r["language"] == lang] for lang in languages}
+    groups["all but en"] = [i for i, r in enumerate(rows) if r["language"] != "en"]
+
+    def accuracy(name: str, idx: list[int]) -> float | None:
+        return round(sum(top[name][i] == rows[i][name] for i in idx) / len(idx), 4) if idx else None
+
+    return {
+        "model": em.manifest.name,
+        "data": str(data),
+        "heads": [h.name for h in heads],
+        "by_language": {g: {"n": len(idx), **{h.name: accuracy(h.name, idx) for h in heads}}
+                        for g, idx in groups.items()},
+        "rows": [{"id": r["id"], "language": r["language"], "text": r["text"],
+                  **{h.name: {"gold": r[h.name], "top": top[h.name][i]} for h in heads}} for i, r in enumerate(rows)],
+    }
+
+
+def format_check_table(rep: dict) -> str:
+    """Per-language top-label accuracy, one column per head."""
+    heads = rep["heads"]
+    lines = [f"{rep['model']} on {rep['data']}: top-label accuracy",
+             f"{'language':<12}{'n':>5}" + "".join(f"{h:>12}" for h in heads)]
+    for lang, d in rep["by_language"].items():
+        lines.append(f"{lang:<12}{d['n']:>5}" + "".join(f"{d[h]:>12.3f}" if d[h] is not None else f"{'-':>12}"
+                                                       for h in heads))
+    return "\n".join(lines)
 
 
 def plot(rep: dict, path: str | Path) -> Path:

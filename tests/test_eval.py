@@ -77,3 +77,36 @@ def test_single_label_report_uses_argmax_and_plots(tmp_path):
     # At a fixed 0.5 the 0.4 'negative' row is missed.
     assert rep["fixed_0_5"]["macro"]["recall"] < rep["macro"]["recall"]
     assert plot(rep, tmp_path / "x.png").stat().st_size > 1000
+
+
+CHECK_SET = Path(__file__).parents[1] / "models" / "eval" / "multilingual_check.tsv"
+
+
+def test_cli_eval_check_set_per_language():
+    p = subprocess.run([sys.executable, "-m", "emostream.worker.cli", "eval", "--data", str(CHECK_SET),
+                        "--format", "check", "--model", "minilm-ft-emotions", "--json"],
+                       capture_output=True, timeout=180)
+    assert p.returncode == 0, p.stderr.decode()
+    rep = json.loads(p.stdout)
+    assert rep["heads"] == ["ekman", "sentiment"]
+    langs = rep["by_language"]
+    assert list(langs) == ["en", "es", "de", "fr", "pt", "it", "all but en"]
+    assert all(langs[l]["n"] == 42 for l in ("en", "es", "de", "fr", "pt", "it")) and langs["all but en"]["n"] == 210
+    rows = rep["rows"]
+    for head in ("ekman", "sentiment"):
+        en = [r for r in rows if r["language"] == "en"]
+        assert langs["en"][head] == pytest.approx(np.mean([r[head]["top"] == r[head]["gold"] for r in en]), abs=1e-4)
+    assert langs["en"]["ekman"] >= 0.8  # the English-only default model reads English
+
+
+def test_cli_eval_check_set_errors(tmp_path):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("text\tekman\nhello\tjoy\n")
+    p = subprocess.run([sys.executable, "-m", "emostream.worker.cli", "eval", "--data", str(bad), "--format", "check",
+                        "--model", "minilm-ft-emotions"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "needs a header" in p.stderr and p.stderr.count("\n") == 1
+    unknown = tmp_path / "unknown.tsv"
+    unknown.write_text("id\tlanguage\tekman\ttext\n1\ten\tcontempt\tugh\n")
+    p = subprocess.run([sys.executable, "-m", "emostream.worker.cli", "eval", "--data", str(unknown), "--format",
+                        "check", "--model", "minilm-ft-emotions"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "contempt" in p.stderr
