@@ -196,16 +196,17 @@ def export_matrix_onnx(W: np.ndarray, b: np.ndarray, path: Path, output: str, op
     return path
 
 
-def export_heads(model, labels: Sequence[str], heads_dir: Path, version: str) -> dict[str, HeadSpec]:
+def export_heads(model, labels: Sequence[str], heads_dir: Path, version: str, prefix: str = "ft_") -> dict[str, HeadSpec]:
+    """The three heads into ``heads_dir/<prefix><head>/`` (head.onnx, labels.json)."""
     specs = {}
     for name, names in (("go_emotions", list(labels)), ("ekman", list(EKMAN_LABELS))):
         W, b = model.folded_head(name)
-        d = heads_dir / f"ft_{name}"
+        d = heads_dir / f"{prefix}{name}"
         export_per_label_onnx(W.numpy(), b.numpy(), names, d / "head.onnx")
         (d / "labels.json").write_text(json.dumps(names, indent=1) + "\n")
         specs[name] = HeadSpec(name=name, version=version, onnx=d / "head.onnx", labels=d / "labels.json")
     W, b = model.folded_head("sentiment")
-    d = heads_dir / "ft_sentiment"
+    d = heads_dir / f"{prefix}sentiment"
     export_matrix_onnx(W.numpy(), b.numpy(), d / "head.onnx", "sentiment")
     (d / "labels.json").write_text(json.dumps(list(SENTIMENT_LABELS), indent=1) + "\n")
     specs["sentiment"] = HeadSpec(name="sentiment", version=version, onnx=d / "head.onnx", kind="single_label",
