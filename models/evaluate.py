@@ -9,7 +9,8 @@ thresholds (its ``thresholds.json``) and at a fixed 0.5; a single-label head by 
 A *check set* (``--format check``) is the other kind of labelled data: a TSV with a header
 ``id, language, <head>..., text`` — hand-written sentences, one clear label per head column, the
 same sentence in several languages under one id (``models/eval/multilingual_check.tsv``). It is
-scored per language by the top label (argmax) of every head that has a column.
+scored per language by the top label (argmax) of every head that has a column, and by how often a
+translation's top label is the one its English sentence gets (consistency, gold labels aside).
 
 Needs no torch: numpy, onnxruntime and (for ``--plot``) matplotlib.
 """
@@ -153,14 +154,22 @@ def evaluate_check(data: str | Path, model: str | None = None, threads: int = 0,
     groups = {lang: [i for i, r in enumerate(rows) if r["language"] == lang] for lang in languages}
     groups["all but en"] = [i for i, r in enumerate(rows) if r["language"] != "en"]
 
+    english = {r["id"]: i for i, r in enumerate(rows) if r["language"] == "en"}
+
     def accuracy(name: str, idx: list[int]) -> float | None:
         return round(sum(top[name][i] == rows[i][name] for i in idx) / len(idx), 4) if idx else None
+
+    def same_as_english(name: str, idx: list[int]) -> float | None:
+        """How often a translation gets the top label its English sentence gets (labels aside)."""
+        pairs = [(i, english[rows[i]["id"]]) for i in idx if rows[i]["id"] in english and rows[i]["language"] != "en"]
+        return round(sum(top[name][i] == top[name][j] for i, j in pairs) / len(pairs), 4) if pairs else None
 
     return {
         "model": em.manifest.name,
         "data": str(data),
         "heads": [h.name for h in heads],
-        "by_language": {g: {"n": len(idx), **{h.name: accuracy(h.name, idx) for h in heads}}
+        "by_language": {g: {"n": len(idx), **{h.name: accuracy(h.name, idx) for h in heads},
+                            **{f"{h.name}_same_as_en": same_as_english(h.name, idx) for h in heads}}
                         for g, idx in groups.items()},
         "rows": [{"id": r["id"], "language": r["language"], "text": r["text"],
                   **{h.name: {"gold": r[h.name], "top": top[h.name][i]} for h in heads}} for i, r in enumerate(rows)],
@@ -169,12 +178,13 @@ def evaluate_check(data: str | Path, model: str | None = None, threads: int = 0,
 
 def format_check_table(rep: dict) -> str:
     """Per-language top-label accuracy, one column per head."""
-    heads = rep["heads"]
-    lines = [f"{rep['model']} on {rep['data']}: top-label accuracy",
-             f"{'language':<12}{'n':>5}" + "".join(f"{h:>12}" for h in heads)]
+    cols = rep["heads"] + [f"{h}_same_as_en" for h in rep["heads"]]
+    lines = [f"{rep['model']} on {rep['data']}: top-label accuracy, and how often a translation's top label "
+             "is its English sentence's",
+             f"{'language':<12}{'n':>5}" + "".join(f"{c:>{len(c) + 2}}" for c in cols)]
     for lang, d in rep["by_language"].items():
-        lines.append(f"{lang:<12}{d['n']:>5}" + "".join(f"{d[h]:>12.3f}" if d[h] is not None else f"{'-':>12}"
-                                                       for h in heads))
+        lines.append(f"{lang:<12}{d['n']:>5}" + "".join(f"{d[c]:>{len(c) + 2}.3f}" if d[c] is not None
+                                                       else f"{'-':>{len(c) + 2}}" for c in cols))
     return "\n".join(lines)
 
 

@@ -97,6 +97,10 @@ def test_cli_eval_check_set_per_language():
         en = [r for r in rows if r["language"] == "en"]
         assert langs["en"][head] == pytest.approx(np.mean([r[head]["top"] == r[head]["gold"] for r in en]), abs=1e-4)
     assert langs["en"]["ekman"] >= 0.8  # the English-only default model reads English
+    assert langs["en"]["ekman_same_as_en"] is None
+    es = {r["id"]: r["ekman"]["top"] for r in rows if r["language"] == "es"}
+    same = np.mean([es[r["id"]] == r["ekman"]["top"] for r in rows if r["language"] == "en"])
+    assert langs["es"]["ekman_same_as_en"] == pytest.approx(same, abs=1e-4)
 
 
 def test_cli_eval_check_set_errors(tmp_path):
