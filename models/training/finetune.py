@@ -181,10 +181,16 @@ def load_checkpoint(path: str | Path, device="cpu") -> tuple[EmotionNet, dict]:
 
 
 def optimizer_and_schedule(model: EmotionNet, lr_backbone: float, lr_heads: float, total_steps: int,
-                           warmup: float, weight_decay: float = 0.01, freeze_word_embeddings: bool = True):
+                           warmup: float, weight_decay: float = 0.01, freeze_word_embeddings: bool = True,
+                           freeze_layers: int = 0):
     # The 30522x384 word-embedding table is half the parameters; its dense gradient and AdamW
     # state cost CPU time for little gain, so by default it stays as pre-trained.
     model.backbone.word.weight.requires_grad_(not freeze_word_embeddings)
+    if freeze_layers:  # the other embeddings and the lowest layers too: backward stops above them
+        bb = model.backbone
+        for module in (bb.position, bb.token_type, bb.relative_bias, bb.emb_norm, *bb.layers[:freeze_layers]):
+            if module is not None:
+                module.requires_grad_(False)
     bb = [p for n, p in model.named_parameters() if n.startswith("backbone.") and p.requires_grad]
     hd = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
     opt = torch.optim.AdamW([{"params": bb, "lr": lr_backbone}, {"params": hd, "lr": lr_heads}],
@@ -206,7 +212,7 @@ def train(out_dir: Path, data_dir: Path = DATA_DIR, epochs: int = 3, batch_size:
           max_steps: int | None = None, progress: bool = True, pos_weight_power: float = 0.5,
           pos_weight_max: float = 10.0, backbone: Path | None = None, prefix: str = "",
           teacher: Path | None = None, distill_weight: float = 0.5, bf16: bool = False,
-          freeze_word_embeddings: bool = True) -> dict:
+          freeze_word_embeddings: bool = True, freeze_layers: int = 0) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -230,7 +236,7 @@ def train(out_dir: Path, data_dir: Path = DATA_DIR, epochs: int = 3, batch_size:
     steps_per_epoch = math.ceil(len(tr) / batch_size)
     total = steps_per_epoch * epochs
     opt, sched = optimizer_and_schedule(model, lr_backbone, lr_heads, total, warmup,
-                                        freeze_word_embeddings=freeze_word_embeddings)
+                                        freeze_word_embeddings=freeze_word_embeddings, freeze_layers=freeze_layers)
     hparams = dict(epochs=epochs, batch_size=batch_size, lr_backbone=lr_backbone, lr_heads=lr_heads,
                    warmup=warmup, max_length=max_length, seed=seed, weight_decay=0.01, dropout=0.1,
                    schedule="linear warmup + linear decay", n_train=len(tr), n_dev=len(dev),
@@ -238,7 +244,7 @@ def train(out_dir: Path, data_dir: Path = DATA_DIR, epochs: int = 3, batch_size:
                    backbone=str(backbone or default_model_dir()),
                    backbone_config=dataclasses.asdict(model.backbone.config), prefix=prefix,
                    teacher=str(teacher) if teacher else None, distill_weight=distill_weight if teacher else 0.0,
-                   bf16=bf16, freeze_word_embeddings=freeze_word_embeddings)
+                   bf16=bf16, freeze_word_embeddings=freeze_word_embeddings, freeze_layers=freeze_layers)
     history: list[dict] = []
     start_epoch, start_batch = 0, 0
     last = out_dir / "last.pt"
@@ -385,13 +391,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CPUs with AMX, GPUs)")
     ap.add_argument("--train-word-embeddings", action="store_true",
                     help="also train the word-embedding table (frozen by default)")
+    ap.add_argument("--freeze-layers", type=int, default=0,
+                    help="also keep all embeddings and the lowest N layers as pre-trained (multilingual backbones: "
+                         "English data then cannot move what the other languages share there)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     res = train(args.out, args.data_dir, args.epochs, args.batch_size, args.lr_backbone, args.lr_heads, args.warmup,
                 args.max_length, args.seed, args.device, args.threads, args.resume, args.limit_train, args.limit_dev,
                 args.save_every, args.max_steps, not args.no_progress, args.pos_weight_power, args.pos_weight_max,
                 args.backbone, args.prefix, args.teacher, args.distill_weight, args.bf16,
-                not args.train_word_embeddings)
+                not args.train_word_embeddings, args.freeze_layers)
     print(json.dumps(res, indent=1), file=sys.stderr)
     return 0
 
