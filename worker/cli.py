@@ -234,8 +234,14 @@ def bench(
     1 vs 2 workers, and the worker on a core of its own.
 
     The worker under test takes its settings from EMOSTREAM_* variables, so a lever is measured
-    by running the bench with it set (e.g. EMOSTREAM_BATCH_MAX=256)."""
-    from .bench import ALL_STAGES, BenchError, BenchOptions, run_bench
+    by running the bench with it set (e.g. EMOSTREAM_BATCH_MAX=256). Needs the bench extra."""
+    from emostream.bench import INSTALL_HINT, missing_extra
+
+    if (missing := missing_extra()) is not None:
+        typer.echo(f"emostream bench needs the bench extra ({missing} is not installed): {INSTALL_HINT}", err=True)
+        raise typer.Exit(1)
+    from emostream.bench.plan import ALL_STAGES, BenchError, BenchOptions
+    from emostream.bench.run import run_bench
 
     setup_logging("warning")
     chosen = tuple(x.strip() for x in stages.split(",") if x.strip()) if stages else ALL_STAGES
