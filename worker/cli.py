@@ -191,14 +191,14 @@ def demo(
 
 
 @cli.command("settings")
-def settings_cmd(markdown: bool = typer.Option(False, "--markdown", help="The README table."),
-                 readme: Optional[Path] = typer.Option(None, "--update-readme",
-                                                       help="Rewrite the table in this README.")) -> None:
+def settings_cmd(markdown: bool = typer.Option(False, "--markdown", help="The table of docs/settings.md."),
+                 docs: Optional[Path] = typer.Option(None, "--update-docs", exists=True, dir_okay=False,
+                                                     help="Rewrite the table in this file (docs/settings.md).")) -> None:
     """Print every setting (flag, environment variable, default)."""
-    if readme is not None:
-        from .settings import update_readme
+    if docs is not None:
+        from .settings import update_settings_table
 
-        typer.echo("updated" if update_readme(readme) else "already up to date", err=True)
+        typer.echo("updated" if update_settings_table(docs) else "already up to date", err=True)
     elif markdown:
         typer.echo(settings_markdown())
     else:
