@@ -79,6 +79,7 @@ class TransactionalPublisher:
         self.topics = (output_topic, dlq_topic, alerts_topic)
         self.producers: dict[TopicPartition, AIOKafkaProducer] = {}
         self.fenced: set[TopicPartition] = set()
+        self.assigned: set[TopicPartition] | None = None  # None: not told yet (every partition counts as ours)
 
     def transactional_id(self, tp: TopicPartition) -> str:
         return f"{self.group_id}-{tp.topic}-{tp.partition}"
@@ -114,6 +115,13 @@ class TransactionalPublisher:
             if tp in done:
                 continue
             if tp in self.fenced:
+                skipped.append(tp)
+                continue
+            if self.assigned is not None and tp not in self.assigned:
+                # A zombie that wakes up after its partitions moved: starting a producer for tp now
+                # would fence the new owner's, and committing would repeat what it already did.
+                log.warning("%s is no longer assigned to this worker; its %d record(s) of this batch are left to "
+                            "the new owner", tp, len(records.get(tp, ())))
                 skipped.append(tp)
                 continue
             try:
@@ -155,14 +163,20 @@ class TransactionalPublisher:
                 pass
 
     async def on_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        """A partition assigned (again) to us starts with a fresh producer, which fences any zombie."""
-        for tp in assigned:
+        """The new assignment. A partition assigned (again) to us starts with a fresh producer,
+        which fences any zombie."""
+        self.assigned = {TopicPartition(tp.topic, tp.partition) for tp in assigned}
+        for tp in self.assigned:
             self.fenced.discard(tp)
 
     async def on_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        """Stop the producers of partitions we no longer own."""
+        """Stop the producers of partitions we no longer own; batches still holding their records
+        leave them to the new owner."""
         for tp in list(revoked):
-            await self._drop(TopicPartition(tp.topic, tp.partition))
+            tp = TopicPartition(tp.topic, tp.partition)
+            if self.assigned is not None:
+                self.assigned.discard(tp)
+            await self._drop(tp)
 
     async def stop(self) -> None:
         for tp in list(self.producers):
