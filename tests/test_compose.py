@@ -495,7 +495,7 @@ def test_dockerignore_excludes_local_state():
 def test_dockerignore_keeps_what_the_build_needs():
     patterns = dockerignore_patterns()
     needed = ["pyproject.toml", "README.md"]
-    for top in ("worker", "models", "schemas"):
+    for top in ("worker", "models", "schemas", "bench"):
         for path in (ROOT / top).rglob("*"):
             if path.is_file() and "__pycache__" not in path.parts and not path.name.endswith(".pyc"):
                 needed.append(path.relative_to(ROOT).as_posix())

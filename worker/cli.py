@@ -205,14 +205,14 @@ def demo(
 
 
 @cli.command("settings")
-def settings_cmd(markdown: bool = typer.Option(False, "--markdown", help="The README table."),
-                 readme: Optional[Path] = typer.Option(None, "--update-readme",
-                                                       help="Rewrite the table in this README.")) -> None:
+def settings_cmd(markdown: bool = typer.Option(False, "--markdown", help="The table of docs/settings.md."),
+                 docs: Optional[Path] = typer.Option(None, "--update-docs", exists=True, dir_okay=False,
+                                                     help="Rewrite the table in this file (docs/settings.md).")) -> None:
     """Print every setting (flag, environment variable, default)."""
-    if readme is not None:
-        from .settings import update_readme
+    if docs is not None:
+        from .settings import update_settings_table
 
-        typer.echo("updated" if update_readme(readme) else "already up to date", err=True)
+        typer.echo("updated" if update_settings_table(docs) else "already up to date", err=True)
     elif markdown:
         typer.echo(settings_markdown())
     else:
@@ -248,8 +248,14 @@ def bench(
     1 vs 2 workers, and the worker on a core of its own.
 
     The worker under test takes its settings from EMOSTREAM_* variables, so a lever is measured
-    by running the bench with it set (e.g. EMOSTREAM_BATCH_MAX=256)."""
-    from .bench import ALL_STAGES, BenchError, BenchOptions, run_bench
+    by running the bench with it set (e.g. EMOSTREAM_BATCH_MAX=256). Needs the bench extra."""
+    from emostream.bench import INSTALL_HINT, missing_extra
+
+    if (missing := missing_extra()) is not None:
+        typer.echo(f"emostream bench needs the bench extra ({missing} is not installed): {INSTALL_HINT}", err=True)
+        raise typer.Exit(1)
+    from emostream.bench.plan import ALL_STAGES, BenchError, BenchOptions
+    from emostream.bench.run import run_bench
 
     setup_logging("warning")
     chosen = tuple(x.strip() for x in stages.split(",") if x.strip()) if stages else ALL_STAGES

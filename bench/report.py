@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib
 import orjson
 
 RSS_LIMIT_MB = 500.0
@@ -20,10 +21,10 @@ def _get(d: dict, *path, default=None):
 
 
 def evaluate_targets(results: dict) -> list[dict]:
-    """The issue's four targets: each with what was measured and whether it was met (None: not
-    measured) for the worker as configured, sharing the machine with the broker and the bench;
-    under ``own_core`` the same for the worker on a core of its own against the raw model and the
-    naive agent on that core, when that stage ran."""
+    """The four performance targets (docs/performance.md): each with what was measured and whether
+    it was met (None: not measured) for the worker as configured, sharing the machine with the
+    broker and the bench; under ``own_core`` the same for the worker on a core of its own against
+    the raw model and the naive agent on that core, when that stage ran."""
     main = _targets_for(results.get("end_to_end") or {}, _get(results, "raw", "best", "texts_per_s"),
                         _get(results, "naive", "flat_out", "texts_per_s"))
     own = results.get("own_core") or {}
@@ -193,7 +194,11 @@ def markdown(results: dict, plots: dict[str, str] | None = None) -> str:
     if (skip := _skip_line(raw)):
         lines += [skip, ""]
     else:
-        lines += ["| intra-op threads × concurrent calls | batch size | token budget | order / session | texts/s | calls | padded / real tokens |",
+        lines += ["Batches of ≤ *batch size* texts, in arrival order or taken from the whole set sorted by token "
+                  "length first (every batch as even as the texts allow), each through the worker's own "
+                  "`Encoder.embed`: sorted by length, cut into sub-batches within the token budget, run on the "
+                  "concurrent calls. *calls* counts the session calls that made.", "",
+                  "| intra-op threads × concurrent calls | batch size | token budget | order / session | texts/s | calls | padded / real tokens |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         best = raw["best"]
         for v in raw["variants"]:
@@ -312,7 +317,7 @@ def markdown(results: dict, plots: dict[str, str] | None = None) -> str:
                 f"arrives; the embedded Tansu broker holds it, so records wait in the broker for up to that long "
                 f"and the worker idles. The second rows are the same worker with only that value changed.", ""]
     # 4. naive
-    lines += ["## 4. Naive per-message agent (`python -m emostream.worker.naive_agent`)", ""]
+    lines += ["## 4. Naive per-message agent (`python -m emostream.bench.naive_agent`)", ""]
     naive = results.get("naive", {})
     if (skip := _skip_line(naive)):
         lines += [skip, ""]
@@ -435,8 +440,6 @@ def _case_threads(case: dict) -> str:
 
 # --------------------------------------------------------------------------------------------
 def write_plots(results: dict, out: Path) -> dict[str, Path]:
-    import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
