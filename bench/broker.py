@@ -1,4 +1,8 @@
-"""The broker the bench's broker stages run against, obtained in one place: :func:`open_broker`."""
+"""The broker the bench's broker stages run against, obtained in one place: :func:`open_broker`.
+
+Either engine of :func:`emostream.worker.broker.make_broker`: the embedded Tansu (in memory, holds
+a fetch until its wait ends) or a single-node Apache Kafka (answers a fetch as soon as data arrives).
+"""
 
 from __future__ import annotations
 
@@ -10,17 +14,20 @@ from typing import Iterator
 
 @dataclass(frozen=True)
 class BenchBroker:
-    """What the stages need of a broker: where the workers connect, and its process on this machine
-    (its CPU is metered, and stage 5 pins it away from the worker's core); None when it has none."""
+    """What the stages need of a broker: its engine, where the workers connect, and its processes
+    on this machine (their CPU is metered, and stage 5 pins them away from the worker's core)."""
 
+    engine: str
     url: str
-    pid: int | None
+    pids: tuple[int, ...]
 
 
 @contextmanager
-def open_broker(out: Path) -> Iterator[BenchBroker]:
-    """The embedded broker (Tansu, in memory) for the run, its log in ``out/tansu.log``."""
-    from emostream.worker.broker import EmbeddedBroker
+def open_broker(out: Path, engine: str = "tansu") -> Iterator[BenchBroker]:
+    """A broker of ``engine`` for the run, its log in ``out/<engine>.log``."""
+    from emostream.worker.broker import make_broker
 
-    with EmbeddedBroker(log_path=Path(out) / "tansu.log") as broker:
-        yield BenchBroker(broker.url, broker.proc.pid if broker.proc is not None else None)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with make_broker(engine, log_path=Path(out) / f"{engine}.log") as broker:
+        procs = [n.proc for n in broker.nodes] if engine == "kafka" else [broker.proc]
+        yield BenchBroker(engine, broker.url, tuple(p.pid for p in procs if p is not None))

@@ -139,10 +139,10 @@ class Procs:
 class CpuMeter:
     """CPU time of the workers, the broker and this process over a phase, as cores busy on average."""
 
-    def __init__(self, worker_pids: Sequence[int], broker_pid: int | None):
+    def __init__(self, worker_pids: Sequence[int], broker_pids: Sequence[int] = ()):
         self._groups = {"workers": [psutil.Process(p) for p in worker_pids], "bench_client": [psutil.Process()]}
-        if broker_pid:
-            self._groups["broker"] = [psutil.Process(broker_pid)]
+        if broker_pids:
+            self._groups["broker"] = [psutil.Process(p) for p in broker_pids]
         self._t0 = time.monotonic()
         self._c0 = self._sample()
 
@@ -315,7 +315,7 @@ def _phase_result(collector: Collector, run: str, first_sent: float) -> dict:
 async def _worker_case(broker_url: str, base: Settings, texts: Sequence[str], plan: Plan, progress: Progress,
                        out_dir: Path, *, name: str, cmd: list[str], workers: int = 1,
                        threads: int | None = None, streams: int | None = None, flat: bool = True, open_loop: bool = False,
-                       open_loop_rate: float | None = None, broker_pid: int | None = None,
+                       open_loop_rate: float | None = None, broker_pids: Sequence[int] = (),
                        cpus: set[int] | None = None, processes: int | None = None) -> dict:
     """Start ``workers`` processes of ``cmd`` (each with ``--processes``, when given) on fresh topics,
     warm up, then run flat out (throughput) and/or open loop at half the flat-out rate or at
@@ -362,7 +362,7 @@ async def _worker_case(broker_url: str, base: Settings, texts: Sequence[str], pl
                     for r in range(plan.rounds):  # like the raw model's variants: the best of the rounds
                         tag = "flat" if r == 0 else f"flat{r + 1}"
                         task = progress.task(f"   {name}: {k} records flat out (round {r + 1})", k)
-                        cpu = CpuMeter(pids, broker_pid)
+                        cpu = CpuMeter(pids, broker_pids)
                         first = await _send_flat(producer, s.input_topic, flat_texts, tag)
                         await collector.wait_for(tag, k, max(120.0, k / 5), procs, progress, task)
                         runs.append(dict(_phase_result(collector, tag, first), cpu_cores_used=cpu.cores()))
@@ -424,7 +424,7 @@ async def _settle(collector: Collector, producer, s: Settings, texts, plan: Plan
 def bench_worker(broker: BenchBroker, settings: Settings, texts: Sequence[str], plan: Plan, progress: Progress,
                  out_dir: Path, **kw) -> dict:
     """One worker case (:func:`_worker_case`) against a running broker."""
-    return asyncio.run(_worker_case(broker.url, settings, texts, plan, progress, out_dir, broker_pid=broker.pid, **kw))
+    return asyncio.run(_worker_case(broker.url, settings, texts, plan, progress, out_dir, broker_pids=broker.pids, **kw))
 
 
 

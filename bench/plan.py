@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository root
 DEFAULT_DATA = Path("../shared/data/go_emotions/dev.tsv")  # relative to the repository root
 ALL_STAGES = ("raw", "pipeline", "cache", "end_to_end", "naive", "scaling", "own_core")
 IN_PROCESS_STAGES = ("raw", "pipeline", "cache")
+BROKER_STAGES = ("end_to_end", "naive", "scaling", "own_core")
 MULTI_THREADS = 2  # "intra-op threads 1 vs 2"
 
 
@@ -41,6 +42,7 @@ class BenchOptions:
     progress: bool = True
     settings: Settings | None = None  # base settings (default: Settings.from_env())
     seed: int = 0
+    engines: Sequence[str] = ("tansu",)  # broker stages run on each, in this order (tansu, kafka)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ from emostream.worker.settings import Settings, env_name
 from . import report
 from .broker import open_broker
 from .load import bench_worker
-from .plan import ALL_STAGES, BenchError, BenchOptions, Plan, default_data_path, load_texts, make_plan
+from .plan import (ALL_STAGES, BROKER_STAGES, BenchError, BenchOptions, Plan, default_data_path, load_texts,
+                   make_plan)
 from .progress import Progress
 from .stages import (NAIVE_CMD, bench_cache, bench_end_to_end, bench_own_core, bench_pipeline, bench_raw,
                      bench_scaling)
@@ -29,6 +30,8 @@ def run_bench(options: BenchOptions) -> dict:
     unknown = set(options.stages) - set(ALL_STAGES)
     if unknown:
         raise BenchError(f"unknown stages {sorted(unknown)}; known: {', '.join(ALL_STAGES)}")
+    if not options.engines or set(options.engines) - {"tansu", "kafka"}:
+        raise BenchError(f"engines must be tansu and/or kafka, not {list(options.engines)}")
     settings = options.settings or Settings.from_env()
     if options.model:
         settings = settings.model_copy(update={"model": options.model})
@@ -68,17 +71,26 @@ def run_bench(options: BenchOptions) -> dict:
         if "cache_size" in type(settings).model_fields:
             wupdate["cache_size"] = 0  # the bench repeats its texts across phases: every record must be inferred
         wsettings = settings.model_copy(update=wupdate)
-        if stages & {"end_to_end", "naive", "scaling", "own_core"}:
-            with open_broker(out) as broker:
-                if "end_to_end" in stages:
-                    results["end_to_end"] = bench_end_to_end(broker, wsettings, texts, plan, progress, out, get_model)
-                if "naive" in stages:
-                    results["naive"] = bench_worker(broker, wsettings, texts, plan, progress, out,
-                                                    name="naive", cmd=NAIVE_CMD)
-                if "scaling" in stages:
-                    results["scaling"] = bench_scaling(broker, wsettings, texts, plan, progress, out, results)
-                if "own_core" in stages:
-                    results["own_core"] = bench_own_core(broker, wsettings, texts, plan, progress, out)
+        if stages & set(BROKER_STAGES):
+            # Each engine's broker stages; the first engine's also fill the top-level sections.
+            results["engines"] = {}
+            for engine in options.engines:
+                mine = {name: section for name, section in skipped.items() if name in BROKER_STAGES}
+                with open_broker(out / engine, engine) as broker:
+                    if "end_to_end" in stages:
+                        mine["end_to_end"] = bench_end_to_end(broker, wsettings, texts, plan, progress, out / engine,
+                                                              get_model)
+                    if "naive" in stages:
+                        mine["naive"] = bench_worker(broker, wsettings, texts, plan, progress, out / engine,
+                                                     name="naive", cmd=NAIVE_CMD)
+                    if "scaling" in stages:
+                        mine["scaling"] = bench_scaling(broker, wsettings, texts, plan, progress, out / engine,
+                                                        results | mine)
+                    if "own_core" in stages:
+                        mine["own_core"] = bench_own_core(broker, wsettings, texts, plan, progress, out / engine)
+                mine["targets"] = report.evaluate_targets(results | mine)
+                results["engines"][engine] = mine
+            results.update({k: v for k, v in results["engines"][options.engines[0]].items() if k != "targets"})
     results["meta"]["duration_s"] = round(time.time() - started, 1)
     try:
         results["meta"]["host"]["load_average_at_end"] = os.getloadavg()
@@ -101,6 +113,7 @@ def _meta(settings: Settings, data: Path, texts: Sequence[str], plan: Plan, opti
                  "onnxruntime": onnxruntime.__version__, "load_average_at_start": load},
         "data": str(data), "texts": len(texts), "distinct_texts": len(set(texts)), "quick": options.quick,
         "stages": [s for s in ALL_STAGES if s in set(options.stages)],
+        "engines": list(options.engines),
         "model": settings.model,
         "settings": {k: getattr(settings, k) for k in ("batch_max", "batch_window_ms", "batch_max_tokens",
                                                         "inference_threads", "inference_streams", "partitions",

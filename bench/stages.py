@@ -314,7 +314,7 @@ def bench_own_core(broker: BenchBroker, settings: Settings, texts: Sequence[str]
     if len(cores) < 2:
         return {"skipped": f"needs 2 cores, this process may use {len(cores)}"}
     mine, others = {cores[0]}, set(cores[1:])
-    with pinned([os.getpid()] + ([broker.pid] if broker.pid else []), others):
+    with pinned([os.getpid(), *broker.pids], others):
         worker = bench_worker(broker, settings, texts, plan, progress, out, name="own-core", cmd=WORKER_CMD,
                               open_loop=True, cpus=mine)
         naive = bench_worker(broker, settings, texts, plan, progress, out, name="own-core-naive", cmd=NAIVE_CMD,

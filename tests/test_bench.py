@@ -242,12 +242,15 @@ def test_naive_agent_one_output_per_record(topics, tmp_path):
 
 
 @pytest.mark.broker
-def test_quick_end_to_end_stage_reports_throughput_latency_and_rss(tmp_path, tiny_manifest):
+def test_quick_end_to_end_stage_reports_throughput_latency_and_rss(engine, tmp_path, tiny_manifest):
     out = tmp_path / "out"
     data = run_bench(BenchOptions(data=DEV, out=out, quick=True, n=40, model=str(tiny_manifest),
-                                  stages=("end_to_end",), progress=False,
+                                  stages=("end_to_end",), progress=False, engines=(engine,),
                                   settings=Settings.from_env(environ={})))
+    assert data["meta"]["engines"] == [engine] and list(data["engines"]) == [engine]
     e2e = data["end_to_end"]
+    assert e2e is data["engines"][engine]["end_to_end"]
+    assert e2e["flat_out"]["cpu_cores_used"]["broker"] > 0  # every broker process is metered (Kafka: the JVM)
     assert e2e["flat_out"]["records"] == 40 and e2e["flat_out"]["texts_per_s"] > 0
     assert e2e["open_loop"]["records"] >= 40
     assert set(e2e["open_loop"]["latency"]) >= {"p50_ms", "p95_ms", "p99_ms"}
@@ -264,6 +267,31 @@ def test_quick_end_to_end_stage_reports_throughput_latency_and_rss(tmp_path, tin
     md = report.markdown(data)
     assert "publish +60 ms, overlap on (default)" in md and "publish +60 ms, overlap off" in md
     assert "(1.00×) flat out" in md
+
+
+def test_engines_side_by_side_show_each_engines_figures_and_targets():
+    from emostream.bench import report
+
+    def case(tps, p99, broker_cpu):
+        return {"flat_out": {"texts_per_s": tps, "cpu_cores_used": {"broker": broker_cpu, "bench_client": 0.1,
+                                                                     "workers": 1.5, "other": 0.0}},
+                "open_loop": {"latency": {"count": 100, "p50_ms": 40.0, "p95_ms": 60.0, "p99_ms": p99}},
+                "latency_budget": {"batch_window_ms": 50.0, "batch_inference_ms": 20.0, "p99_bound_ms": 90.0,
+                                   "batch_size_at_half_rate": 8}, "max_peak_rss_mb": 210.0}
+
+    results = {"meta": {"host": {"cpu_count": 2}}, "raw": {"best": {"texts_per_s": 1000.0}}, "engines": {}}
+    for name, tps, p99, cpu in (("tansu", 850.0, 150.0, 0.12), ("kafka", 900.0, 80.0, 0.31)):
+        mine = {"end_to_end": case(tps, p99, cpu), "naive": {"flat_out": {"texts_per_s": 200.0}}}
+        mine["targets"] = report.evaluate_targets(results | mine)
+        results["engines"][name] = mine
+    text = "\n".join(report._engines_section(results))
+    assert "| measure | `tansu` | `kafka` |" in text
+    assert "| end to end, flat out (texts/s) | 850.0 (85% of raw) | 900.0 (90% of raw) |" in text
+    assert "| CPU during flat out: broker (cores) | 0.12 | 0.31 |" in text
+    p99_row = next(line for line in text.splitlines() if line.startswith("| p99 latency"))
+    assert "p99 150 ms vs 50 + 2 × 20 = 90 ms (batches of ~8); **no**" in p99_row
+    assert "p99 80 ms vs 50 + 2 × 20 = 90 ms (batches of ~8); **yes**" in p99_row
+    assert report._engines_section({"engines": {"tansu": {}}}) == []  # one engine: the sections say it all
 
 
 def test_cpu_ceiling_is_what_broker_and_load_generator_leave():

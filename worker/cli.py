@@ -243,6 +243,8 @@ def bench(
     model: Optional[str] = typer.Option(None, "--model", help="Model manifest name or path [default: settings]."),
     stages: Optional[str] = typer.Option(None, "--stages", help="Comma-separated subset of "
                                          "raw,pipeline,cache,end_to_end,naive,scaling,own_core [default: all]."),
+    engine: str = typer.Option("tansu", "--engine", help="Broker(s) for the broker stages: tansu, kafka, or "
+                               "tansu,kafka (each in turn; the report puts them side by side)."),
 ) -> None:
     """Throughput and latency: raw model, pipeline, end to end through a broker, naive agent,
     1 vs 2 workers, and the worker on a core of its own.
@@ -257,14 +259,20 @@ def bench(
     from emostream.bench.plan import ALL_STAGES, BenchError, BenchOptions
     from emostream.bench.run import run_bench
 
+    from .broker import BrokerError
+
     setup_logging("warning")
     chosen = tuple(x.strip() for x in stages.split(",") if x.strip()) if stages else ALL_STAGES
     if unknown := set(chosen) - set(ALL_STAGES):
         typer.echo(f"unknown stage(s) {sorted(unknown)}; choose from {', '.join(ALL_STAGES)}", err=True)
         raise typer.Exit(2)
+    engines = tuple(x.strip() for x in engine.split(",") if x.strip())
+    if not engines or set(engines) - {"tansu", "kafka"}:
+        typer.echo(f"unknown engine(s) {engine!r}; choose tansu, kafka or tansu,kafka", err=True)
+        raise typer.Exit(2)
     try:
-        run_bench(BenchOptions(data=data, out=out, quick=quick, n=n, model=model, stages=chosen))
-    except BenchError as exc:
+        run_bench(BenchOptions(data=data, out=out, quick=quick, n=n, model=model, stages=chosen, engines=engines))
+    except (BenchError, BrokerError) as exc:
         typer.echo(f"bench failed: {exc}", err=True)
         raise typer.Exit(1) from exc
     typer.echo(f"wrote {out / 'bench.json'} and {out / 'bench.md'}", err=True)
