@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..linear_head import crossfit_macro_f1, f1_report, read_goemotions, tune_thresholds
+from ..linear_head import crossfit_macro_f1, f1_report, read_goemotions, transferable_thresholds, tune_thresholds
 import dataclasses
 
 from .bert import Bert, BertConfig, EmotionNet, default_model_dir
@@ -155,6 +155,9 @@ def dev_metrics(probs: dict[str, np.ndarray], split: Split, labels) -> dict:
         thr = tune_thresholds(probs[name], y)
         res[name] = {"macro_f1_tuned": f1_report(probs[name], y, thr)["macro"]["f1"],
                      "macro_f1_crossfit": crossfit_macro_f1(probs[name], y),
+                     # what picks the epoch: thresholds that transfer, scored on rows they never saw
+                     "macro_f1_crossfit_transfer": crossfit_macro_f1(probs[name], y, splits=10,
+                                                                     tuner=transferable_thresholds),
                      "macro_f1_at_0.5": f1_report(probs[name], y, 0.5)["macro"]["f1"]}
     onehot = np.eye(len(SENTIMENT_LABELS))[split.sentiment]
     pred = np.eye(len(SENTIMENT_LABELS))[probs["sentiment"].argmax(1)]
