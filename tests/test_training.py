@@ -262,7 +262,7 @@ def test_relative_position_buckets_are_mpnets():
 
 
 def test_distillation_mixes_teacher_and_gold_and_checks_the_teacher_file(tmp_path):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from emostream.models.training.finetune import Split, load_teacher, tokenizer, train, write_teacher
 
     kw = dict(data_dir=FIXTURES, batch_size=16, limit_train=48, limit_dev=32, progress=False, threads=1)
