@@ -137,7 +137,13 @@ def test_train_resume_and_export_heads(tmp_path):
         np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
 
 
-def test_export_backbone_onnx_matches_torch(tmp_path):
+def _calibration(n: int = 40) -> list[str]:
+    from emostream.models.linear_head import read_goemotions
+
+    return read_goemotions(FIXTURES / "dev.tsv")[0][:n]
+
+
+def test_export_backbone_onnx_matches_torch_and_int8_ignores_the_batch(tmp_path):
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnx")
     import onnxruntime as ort
@@ -146,16 +152,53 @@ def test_export_backbone_onnx_matches_torch(tmp_path):
     from emostream.models.training.finetune import build
 
     model = build("cpu").eval()
-    t = export_backbone(model, tmp_path / "fp32.onnx", tmp_path / "int8.onnx")
-    assert t["int8_mb"] < t["fp32_mb"] / 2
+    t = export_backbone(model, tmp_path / "fp32.onnx", tmp_path / "int8.onnx", _calibration())
+    assert t["int8"]["int8_mb"] < t["fp32_mb"] / 2
     ids = np.array([[101, 2023, 2003, 2307, 999, 102], [101, 2307, 102, 0, 0, 0]], dtype=np.int64)
     mask = (ids != 0).astype(np.int64)
     with torch.no_grad():
         ref = model.backbone(torch.tensor(ids), torch.tensor(mask)).numpy()
-    sess = ort.InferenceSession(str(tmp_path / "fp32.onnx"), providers=["CPUExecutionProvider"])
-    out = sess.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})[0]
+
+    def run(path, ids):
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return sess.run(None, {"input_ids": ids, "attention_mask": (ids != 0).astype(np.int64),
+                               "token_type_ids": np.zeros_like(ids)})[0]
+
+    out = run(tmp_path / "fp32.onnx", ids)
     assert out.shape == (2, 6, 384)
     np.testing.assert_allclose(out[mask.astype(bool)], ref[mask.astype(bool)], atol=1e-3)
+    q = run(tmp_path / "int8.onnx", ids)
+    cos = (q * ref).sum(-1) / np.linalg.norm(q, axis=-1) / np.linalg.norm(ref, axis=-1)
+    assert cos[mask.astype(bool)].min() > 0.99
+    # each row alone (no padding, no neighbour) gives the batch's result to the bit
+    np.testing.assert_array_equal(run(tmp_path / "int8.onnx", ids[:1])[0], q[0])
+    np.testing.assert_array_equal(run(tmp_path / "int8.onnx", ids[1:, :3])[0], q[1, :3])
+
+
+def test_export_from_an_fp32_onnx_requantises_and_retunes(tmp_path, capsys):
+    """``export --fp32-onnx``: heads already in --heads-dir, their training record kept; new INT8
+    backbone, thresholds tuned over it, metrics for both backbones and the batch invariance."""
+    pytest.importorskip("torch")
+    from emostream.models.training.export import export_fp32, export_heads, main
+    from emostream.models.training.finetune import build
+
+    model = build("cpu").eval()
+    export_fp32(model, tmp_path / "fp32.onnx")
+    heads = tmp_path / "heads"
+    export_heads(model, GO, heads, "t")
+    (heads / "ft_go_emotions" / "metrics.json").write_text(json.dumps({"training": {"epochs": 4}}))
+    assert main(["--fp32-onnx", str(tmp_path / "fp32.onnx"), "--backbone-out", str(tmp_path / "int8.onnx"),
+                 "--heads-dir", str(heads), "--work", str(tmp_path / "work"), "--data-dir", str(FIXTURES),
+                 "--limit-dev", "40", "--version", "t2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["batch_invariance_max_abs_diff"] <= 1e-6 and set(out["dev"]) == {"fp32", "int8"}
+    assert (tmp_path / "int8.onnx").stat().st_size < (tmp_path / "fp32.onnx").stat().st_size / 2
+    metrics = json.loads((heads / "ft_go_emotions" / "metrics.json").read_text())
+    assert metrics["version"] == "t2" and metrics["training"] == {"epochs": 4}
+    assert len(json.loads((heads / "ft_go_emotions" / "thresholds.json").read_text())) == 28
+    with pytest.raises(SystemExit):  # a missing file is one clear line, not a traceback
+        main(["--fp32-onnx", str(tmp_path / "nope.onnx"), "--backbone-out", "x", "--heads-dir", "h", "--work", "w"])
+    assert "no such file" in capsys.readouterr().err
 
 
 def test_fused_classifier_matches_backbone_plus_heads(tmp_path):
@@ -172,9 +215,9 @@ def test_fused_classifier_matches_backbone_plus_heads(tmp_path):
     from tiny_model import tokenizer_path
 
     model = build("cpu").eval()
-    export_backbone(model, tmp_path / "bb-fp32.onnx", tmp_path / "bb-int8.onnx")
+    export_backbone(model, tmp_path / "bb-fp32.onnx", tmp_path / "bb-int8.onnx", _calibration())
     specs = export_heads(model, GO, tmp_path / "heads", "t")
-    info = export_fused(model, tmp_path / "fused-fp32.onnx", tmp_path / "fused-int8.onnx")
+    info = export_fused(model, tmp_path / "fused-fp32.onnx", tmp_path / "fused-int8.onnx", _calibration())
     assert len(info["fused_fp32_heads"]) == 3  # the head MatMuls were kept out of quantisation
     texts = ["I am so happy for you!", "This is awful and I hate it", "ok", "why would anyone do that?? " * 6]
     for tag in ("fp32", "int8"):
