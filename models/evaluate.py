@@ -102,8 +102,15 @@ def evaluate(data: str | Path, head: str = "go_emotions", model: str | None = No
     if not texts:
         raise EvalError(f"{data}: no rows")
     gold = gold_labels(h.labels, y, data_dir)
-    probs = h.from_encoded(em.encoder.embed(texts)).probs
+    probs = head_output(em, head, texts).probs
     return report(probs, gold, h.labels, h.thresholds, h.spec.kind == "single_label", head)
+
+
+def head_output(em, head: str, texts: Sequence[str]):
+    """What ``emostream eval`` scores: ``head``'s scores and labels for ``texts``, all in one call
+    (the encoder cuts them into its length-sorted sub-batches)."""
+    h = next(h for h in em.heads if h.name == head)
+    return h.from_encoded(em.encoder.embed(texts))
 
 
 def plot(rep: dict, path: str | Path) -> Path:
