@@ -19,14 +19,15 @@ VOCAB, DIM, HIDDEN = 200, 16, 48
 
 
 def _graph(seed: int = 0) -> onnx.ModelProto:
-    """ids → Gather → LayerNorm → (A: MatMul+b → GELU → MatMul+b) and (B: MatMul+b → Tanh → MatMul+b) → sum."""
+    """ids → Gather → LayerNorm → (MatMul+b → GELU → MatMul+b) + (MatMul+b → Tanh → MatMul+b)."""
     rs = np.random.RandomState(seed)
     w = lambda *s: (rs.randn(*s) * 0.3).astype(np.float32)  # noqa: E731
     table = w(VOCAB, DIM)
     table[:, 3] *= 12  # an outlier channel, as LayerNorm outputs of BERT have
     inits = {"table": table, "gamma": 1 + w(DIM), "beta": w(DIM), "W1": w(DIM, HIDDEN), "b1": w(HIDDEN),
              "W2": w(HIDDEN, DIM), "b2": w(DIM), "W3": w(DIM, DIM), "b3": w(DIM), "W4": w(DIM, DIM), "b4": w(DIM),
-             "sqrt2": np.array(np.sqrt(2), np.float32), "one": np.array(1, np.float32), "half": np.array(.5, np.float32)}
+             "sqrt2": np.array(np.sqrt(2), np.float32), "one": np.array(1, np.float32),
+             "half": np.array(.5, np.float32)}
     inits["gamma"][3] = 8.0
     nodes = [
         helper.make_node("Gather", ["table", "input_ids"], ["emb"]),
@@ -169,7 +170,8 @@ def test_dequantize_inverts_quantize_dynamic(tmp_path):
                      weight_type=QuantType.QInt8)
     q = onnx.load(str(tmp_path / "q.onnx"))
     deq = dequantize(q)
-    assert {n.op_type for n in deq.graph.node}.isdisjoint({"MatMulInteger", "DynamicQuantizeLinear", "DequantizeLinear"})
+    left = {"MatMulInteger", "DynamicQuantizeLinear", "DequantizeLinear"}
+    assert {n.op_type for n in deq.graph.node}.isdisjoint(left)
     onnx.save(deq, str(tmp_path / "deq.onnx"))
     quantize_dynamic(str(tmp_path / "deq.onnx"), str(tmp_path / "q2.onnx"), per_channel=True,
                      weight_type=QuantType.QInt8)

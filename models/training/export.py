@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -319,7 +318,10 @@ def export(checkpoint: Path | None, backbone_out: Path, heads_dir: Path, work: P
         timing |= export_fused(model, work / "minilm-ft-emotions-fused-fp32.onnx",
                                work / "minilm-ft-emotions-fused-int8.onnx", calibration)
     t0 = time.perf_counter()
-    specs = export_heads(model, labels, heads_dir, version) if checkpoint is not None else read_heads(heads_dir, version)
+    if checkpoint is not None:
+        specs = export_heads(model, labels, heads_dir, version)
+    else:
+        specs = read_heads(heads_dir, version)
     timing["heads_s"] = round(time.perf_counter() - t0, 2)
 
     texts, y = read_goemotions(data_dir / "dev.tsv", len(labels))
@@ -363,8 +365,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=Path, help="torch checkpoint (backbone + heads)")
-    src.add_argument("--fp32-onnx", type=Path, help="fp32 ONNX backbone; the heads must already be in --heads-dir "
-                                                     "(e.g. python -m emostream.models.training.quantize dequantize ...)")
+    src.add_argument("--fp32-onnx", type=Path,
+                     help="fp32 ONNX backbone; the heads must already be in --heads-dir (one from a quantize_dynamic "
+                          "file: python -m emostream.models.training.quantize dequantize ...)")
     ap.add_argument("--backbone-out", type=Path, required=True, help="INT8 backbone .onnx")
     ap.add_argument("--heads-dir", type=Path, required=True, help="ft_* head directories go here")
     ap.add_argument("--work", type=Path, required=True, help="fp32 ONNX and export_metrics.json")

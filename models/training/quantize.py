@@ -379,7 +379,7 @@ def quantize_int8(model: onnx.ModelProto, maxima: Mapping[str, np.ndarray] | Non
     every other input (and LayerNorm outputs with ``layernorm="per_row"``, smoothed first)::
 
         r  = max|x_row| / 127                        per row, from ReduceMax / ReduceMin
-        y  = MatMulIntegerToFloat(QuantizeLinear(x, r, 128, axis=0), W_q, r, w_scale, 128, 0) (+ b as before)
+        y  = MatMulIntegerToFloat(QuantizeLinear(x, r, 128, axis=0), W_q, r, w_scale, 128, 0)    bias: its Add stays
 
     A GELU output gets ``r = max(max x_row / (255 − Z), 0.17 / Z)`` and zero point Z
     (``gelu_zero_point``): every value lands in [0, 255]. One quantiser per distinct input (Q, K
@@ -429,7 +429,8 @@ def quantize_int8(model: onnx.ModelProto, maxima: Mapping[str, np.ndarray] | Non
             inputs.append(next(i for i in bias_add.input if i != n.output[0]))
             out = bias_add.output[0]
             folded.add(id(bias_add))
-        b.nodes.append(helper.make_node("MatMulIntegerToFloat", inputs, [out], name=f"{n.name or n.output[0]}_int8", domain=MS_DOMAIN))
+        b.nodes.append(helper.make_node("MatMulIntegerToFloat", inputs, [out], name=f"{n.name or n.output[0]}_int8",
+                                        domain=MS_DOMAIN))
         rewritten[id(n)] = b.nodes[start:]
     nodes = []
     for n in g.node:
@@ -463,8 +464,8 @@ def _quantizer(b: _Builder, x: str, K: int, producer, maxima, smooth, margin: fl
     if gelu_zero_point and _is_gelu_output(x, producer):
         kinds["gelu"] += 1
         zp = gelu_zero_point
-        top = b.op("Mul", [b.reduce_rows("ReduceMax", xin), b.const(np.array(1 / (255 - zp), np.float32), "inv_levels")],
-                   "top")
+        row_max = b.reduce_rows("ReduceMax", xin)
+        top = b.op("Mul", [row_max, b.const(np.array(1 / (255 - zp), np.float32), "inv_levels")], "top")
         r = b.op("Max", [top, b.const(np.array(GELU_MIN / zp, np.float32), "floor")], "r")
     else:
         kinds["per_row"] += 1
@@ -481,6 +482,7 @@ def _quantizer(b: _Builder, x: str, K: int, producer, maxima, smooth, margin: fl
     xq2 = b.op("QuantizeLinear", [x2, r1, zp_rows], "xq2", axis=0)
     xq = b.op("Reshape", [xq2, b.op("Shape", [xin], "xshape")], "xq")
     return xq, r, b.const(np.array(zp, np.uint8), "zp"), None
+
 
 def quantize_embeddings(src: Path, dst: Path) -> None:
     """Embedding tables → INT8 (``quantize_dynamic`` on constant-table ``Gather`` nodes only, as
