@@ -1,7 +1,6 @@
 """Through a real broker (embedded Tansu) and real worker processes."""
 
 import re
-import time
 
 import orjson
 import pytest
@@ -10,6 +9,7 @@ from jsonschema import Draft202012Validator
 from emostream.schemas.records import load_schema
 
 from conftest import Topics
+from group import wait_for_group
 
 pytestmark = pytest.mark.broker
 
@@ -90,8 +90,7 @@ def test_text_input_format(broker, start_worker):
 def test_two_workers_share_partitions(broker, start_worker):
     t = Topics(broker, partitions=4)
     w1, w2 = start_worker(t, log_level="debug"), start_worker(t, log_level="debug")
-    assert w1.wait_for_log("Worker ready", 60) and w2.wait_for_log("Worker ready", 60)
-    time.sleep(3)  # let the group settle on both members
+    wait_for_group([w1, w2], members=2, partitions=4)
     n = 400
     t.produce([orjson.dumps({"id": str(i), "text": f"shared work item {i}"}) for i in range(n)],
               keys=[str(i).encode() for i in range(n)])

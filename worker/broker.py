@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -102,10 +101,3 @@ class EmbeddedBroker:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def which_tansu() -> str | None:
-    try:
-        return str(tansu_binary())
-    except BrokerError:
-        return shutil.which("tansu")
