@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import orjson
 import pytest
@@ -131,18 +130,29 @@ def test_models_lists_the_default():
 
 
 @pytest.mark.broker
-def test_broker_command_starts_and_stops():
+def test_broker_command_starts_and_stops(engine, tmp_path):
     port = free_port()
-    proc = subprocess.Popen(EMO + ["broker", "--port", str(port)], stderr=subprocess.PIPE)
+    proc = subprocess.Popen(EMO + ["broker", "--engine", engine, "--port", str(port)], stderr=subprocess.PIPE)
     try:
-        assert wait_for_port("127.0.0.1", port, 20)
+        first = proc.stderr.readline()  # printed once the broker answers
+        while b"listening" not in first and b"fetching" in first:
+            first = proc.stderr.readline()
+        assert f"listening on 127.0.0.1:{port}".encode() in first, first
+        assert wait_for_port("127.0.0.1", port, 1)
     finally:
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=20)
-    assert proc.returncode == 0
-    assert f"127.0.0.1:{port}".encode() in err
-    time.sleep(0.5)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert b"broker stopped" in err
     assert not wait_for_port("127.0.0.1", port, 0.5)
+
+
+def test_broker_command_says_what_kafka_needs(tmp_path):
+    env = {"PATH": str(tmp_path), "EMOSTREAM_CACHE_DIR": str(tmp_path / "cache")}  # no java, no mvn here
+    p = run(["broker", "--engine", "kafka", "--port", str(free_port())], env=env)
+    assert p.returncode == 2
+    err = p.stderr.decode().strip()
+    assert len(err.splitlines()) == 1 and "Java 17" in err, err
 
 
 @pytest.mark.broker

@@ -113,14 +113,18 @@ class BrokerWatch:
             self.exit_with(EXIT_BROKER_LOST, f"broker unreachable for {now - since:.0f} s")
 
 
-def set_fetch_max_wait(ms: int, read_committed: bool = False) -> None:
-    """Make faust's consumers use ``fetch_max_wait_ms=ms`` (and read_committed) in this process.
+def set_fetch_max_wait(ms: int, exactly_once: bool = False) -> None:
+    """Make faust's consumers use ``fetch_max_wait_ms=ms`` in this process; with ``exactly_once``
+    also read_committed, and leave committing offsets to the transactions.
 
     faust-streaming hard-codes 1500 ms when it builds its aiokafka consumer. Real Kafka answers a
     waiting fetch as soon as data arrives, but a broker that holds the fetch (Tansu) adds up to that
     wait to a record's latency; `emostream bench` measured p99 ≈ 1.1 s at half capacity with it.
     faust also sets the isolation level from its own processing guarantee, which we do not use
-    for exactly-once (see transactions.py).
+    for exactly-once (see transactions.py). And faust commits the offsets of acknowledged records
+    on a timer: under exactly-once that second writer races the transactions' offset commits, and
+    a late plain commit moved a partition's offset back (64 duplicates after kill -9 on Apache
+    Kafka, tests/test_kafka.py), so there the consumer's own commit does nothing.
     """
     import aiokafka
 
@@ -131,9 +135,14 @@ def set_fetch_max_wait(ms: int, read_committed: bool = False) -> None:
 
         def __init__(self, *args, **kwargs):
             kwargs["fetch_max_wait_ms"] = ms
-            if read_committed:
+            if exactly_once:
                 kwargs["isolation_level"] = "read_committed"
             super().__init__(*args, **kwargs)
+
+        async def commit(self, offsets=None):
+            if exactly_once:
+                return  # the transaction of each batch commits its input offset (transactions.py)
+            return await super().commit(offsets)
 
     aiokafka.AIOKafkaConsumer = Consumer
 
@@ -169,7 +178,7 @@ def create_app(settings: Settings, enricher: Enricher, shutdown: Shutdown | None
     """The faust app around one Enricher; metrics, the operations server and reloading are optional."""
     shutdown = shutdown or Shutdown()
     metrics = metrics or Metrics()
-    set_fetch_max_wait(settings.fetch_max_wait_ms, read_committed=settings.delivery == "exactly_once")
+    set_fetch_max_wait(settings.fetch_max_wait_ms, exactly_once=settings.delivery == "exactly_once")
     app = faust.App(settings.group_id, **faust_config(settings, datadir), agent_supervisor=CrashingSupervisor)
     source = app.topic(settings.input_topic, key_type=bytes, value_type=bytes,
                        key_serializer="raw", value_serializer="raw")

@@ -84,6 +84,7 @@ class ExactlyOncePublisher(Publisher):
         self.topics = (settings.output_topic, settings.dlq_topic, settings.alerts_topic)
         self.producers: dict[TopicPartition, AIOKafkaProducer] = {}
         self.fenced: set[TopicPartition] = set()
+        self.assigned: set[TopicPartition] | None = None  # None: not told yet (every partition counts as ours)
 
     def transactional_id(self, tp: TopicPartition) -> str:
         return f"{self.group_id}-{tp.topic}-{tp.partition}"
@@ -101,8 +102,9 @@ class ExactlyOncePublisher(Publisher):
         """Commit each partition's records together with its next input offset.
 
         ``progress`` holds the partitions whose transaction an earlier try of this batch committed:
-        they are not sent again. A fenced partition (now owned by another worker) is skipped and its
-        records left to the new owner. Any other failure aborts the open transaction and raises.
+        they are not sent again. A partition fenced or no longer assigned (now owned by another
+        worker) is skipped and its records left to the new owner. Any other failure aborts the open
+        transaction and raises.
         """
         offsets: dict[TopicPartition, int] = {}
         for m in messages:
@@ -114,6 +116,12 @@ class ExactlyOncePublisher(Publisher):
                 records[TopicPartition(o.source.topic, o.source.partition)].append((topic, o))
         for tp in sorted(offsets):
             if tp in progress or tp in self.fenced:
+                continue
+            if self.assigned is not None and tp not in self.assigned:
+                # A zombie that wakes up after its partitions moved: starting a producer for tp now
+                # would fence the new owner's, and committing would repeat what it already did.
+                log.warning("%s is no longer assigned to this worker; its %d record(s) of this batch are left to "
+                            "the new owner", tp, len(records.get(tp, ())))
                 continue
             try:
                 await self._commit(tp, records.get(tp, ()), offsets[tp])
@@ -152,14 +160,20 @@ class ExactlyOncePublisher(Publisher):
                 pass
 
     async def on_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        """A partition assigned (again) to us starts with a fresh producer, which fences any zombie."""
-        for tp in assigned:
+        """The new assignment. A partition assigned (again) to us starts with a fresh producer,
+        which fences any zombie."""
+        self.assigned = {TopicPartition(tp.topic, tp.partition) for tp in assigned}
+        for tp in self.assigned:
             self.fenced.discard(tp)
 
     async def on_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        """Stop the producers of partitions we no longer own."""
+        """Stop the producers of partitions we no longer own; batches still holding their records
+        leave them to the new owner."""
         for tp in list(revoked):
-            await self._drop(TopicPartition(tp.topic, tp.partition))
+            tp = TopicPartition(tp.topic, tp.partition)
+            if self.assigned is not None:
+                self.assigned.discard(tp)
+            await self._drop(tp)
 
     async def stop(self) -> None:
         for tp in list(self.producers):
