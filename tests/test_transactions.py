@@ -236,3 +236,15 @@ def test_worker_runs_exactly_once_only_where_the_broker_has_transactions(engine,
     out = w.output()
     assert "delivery=exactly_once needs a broker with transactions" in out
     assert w.stop(signal.SIGTERM) == 2
+
+
+def test_a_partition_no_longer_assigned_is_left_to_its_new_owner():
+    cluster = FakeCluster()
+    pub = publisher(cluster)
+    asyncio.run(pub.on_assigned({TopicPartition("in", 0), TopicPartition("in", 1)}))
+    asyncio.run(pub.on_revoked({TopicPartition("in", 1)}))  # moved while a batch of it was inferred
+    msgs, result = batch_of({0: [0], 1: [0]})
+    asyncio.run(pub.publish(msgs, result))
+    assert set(cluster.epochs) == {"g-in-0"}  # no producer for partition 1: the new owner's is not fenced
+    assert ids(cluster.visible["out"]) == ["in-0-0"]
+    assert (GROUP, TopicPartition("in", 1)) not in cluster.offsets
