@@ -7,8 +7,8 @@ from any thread or from the loop.
 * ``GET /metrics`` — Prometheus exposition of ``Metrics.registry`` (OpenMetrics when asked for
   in ``Accept``).
 * ``GET /healthz`` — liveness. Answered from this thread, so "the server answers" proves nothing
-  about the worker; instead the event loop beats a :class:`Heartbeat` several times a second, and
-  once the last beat is older than ``liveness_timeout_s`` the answer is 503 (a stuck loop
+  about the worker; instead the event loop beats a :class:`Heartbeat` every second (every quarter
+  of the timeout, if that is shorter), and once the last beat is older than ``liveness_timeout_s`` the answer is 503 (a stuck loop
   consumes, publishes and commits nothing; the orchestrator should restart it)::
 
       200 {"status": "ok", "last_beat_s": 0.31}

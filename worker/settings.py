@@ -208,9 +208,9 @@ class Settings(BaseModel):
     )
     liveness_timeout_s: float = Field(
         30.0, gt=0,
-        description="/healthz answers 503 once the worker's event loop has not run for this long (it beats "
-        "several times a second when it runs). 30 s: the consumer session timeout's default, after which the "
-        "group has moved a stuck worker's partitions anyway.",
+        description="/healthz answers 503 once the worker's event loop has not run for this long (a running loop "
+        "beats every second). 30 s: the consumer session timeout's default, after which the group has moved a "
+        "stuck worker's partitions anyway.",
     )
 
     # --- Testing aids (fault injection; off by default) --------------------------------------
