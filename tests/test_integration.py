@@ -1,6 +1,7 @@
 """Through a real broker (embedded Tansu) and real worker processes."""
 
 import re
+import time
 
 import orjson
 import pytest
@@ -71,7 +72,14 @@ def test_batches_close_by_count_and_by_window(broker, start_worker):
     assert len(t.outputs(3)) == 3  # released by the window: 3 < batch_max
     t.produce([orjson.dumps({"text": f"more {i}"}) for i in range(40)])
     assert len(t.outputs(43)) == 43
-    sizes = [int(x) for x in re.findall(r"batch of (\d+):", w.output())]
+
+    def logged_sizes() -> list[int]:  # a batch is logged just after its records were acknowledged
+        return [int(x) for x in re.findall(r"batch of (\d+):", w.output())]
+
+    deadline = time.monotonic() + 30
+    while sum(logged_sizes()) < 43 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    sizes = logged_sizes()
     assert sizes and max(sizes) <= 4
     assert sum(sizes) == 43
     assert sizes.count(4) >= 5  # the 40 arrived together: mostly full batches
