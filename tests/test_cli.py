@@ -103,7 +103,7 @@ def test_missing_embedded_extra(capsys, monkeypatch):
 
 def test_a_missing_optional_module_names_its_extra():
     assert user_error(ModuleNotFoundError("No module named 'psutil'", name="psutil")).endswith(
-        "pip install 'emostream[dev]'")
+        "pip install 'emostream[bench]'")  # the first extra that brings it
     assert "pip install 'emostream[dev]'" in user_error(ModuleNotFoundError(name="yaml"))  # dist pyyaml
     assert "reinstall emostream" in user_error(ModuleNotFoundError(name="orjson"))  # a core dependency
     assert user_error(ModuleNotFoundError(name="emostream.worker.nope")) is None  # our own: a bug

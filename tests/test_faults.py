@@ -7,6 +7,7 @@ which both the enriched record and the dead-letter record keep.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import signal
@@ -19,6 +20,7 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 
 from emostream.schemas.records import ErrorCode
 from emostream.worker.broker import free_port
+from emostream.worker.kafka_io import ensure_topics
 from emostream.worker.settings import Settings
 
 from accounting import (committed_offsets, end_offsets_total, read_all, records, wait_all_accounted,
@@ -194,7 +196,10 @@ def test_poison_records_are_processed_or_dead_lettered(poison_worker, batch):
 
 
 def test_ten_megabyte_value_is_dead_lettered(broker, start_worker):
-    t = Topics(broker, partitions=1)
+    t = Topics(broker, partitions=1, create=False)
+    # Kafka refuses records over 1 MB unless the topic allows more (Tansu takes anything).
+    asyncio.run(ensure_topics(t.settings, [t.settings.input_topic], configs={"max.message.bytes": str(16 << 20)}))
+    asyncio.run(ensure_topics(t.settings, [t.settings.output_topic, t.settings.dlq_topic]))
     w = start_worker(t)
     big = orjson.dumps({"id": "big", "text": "a" * (10 * 1024 * 1024)})
     keys = [b"before", b"big", b"after"]

@@ -216,14 +216,14 @@ def demo(
 
 
 @cli.command("settings")
-def settings_cmd(markdown: bool = typer.Option(False, "--markdown", help="The README table."),
-                 readme: Optional[Path] = typer.Option(None, "--update-readme",
-                                                       help="Rewrite the table in this README.")) -> None:
+def settings_cmd(markdown: bool = typer.Option(False, "--markdown", help="The table of docs/settings.md."),
+                 docs: Optional[Path] = typer.Option(None, "--update-docs", exists=True, dir_okay=False,
+                                                     help="Rewrite the table in this file (docs/settings.md).")) -> None:
     """Print every setting (flag, environment variable, default)."""
-    if readme is not None:
-        from .settings import update_readme
+    if docs is not None:
+        from .settings import update_settings_table
 
-        typer.echo("updated" if update_readme(readme) else "already up to date", err=True)
+        typer.echo("updated" if update_settings_table(docs) else "already up to date", err=True)
     elif markdown:
         typer.echo(settings_markdown())
     else:
@@ -254,22 +254,36 @@ def bench(
     model: Optional[str] = typer.Option(None, "--model", help="Model manifest name or path [default: settings]."),
     stages: Optional[str] = typer.Option(None, "--stages", help="Comma-separated subset of "
                                          "raw,pipeline,cache,end_to_end,naive,scaling,own_core [default: all]."),
+    engine: str = typer.Option("tansu", "--engine", help="Broker(s) for the broker stages: tansu, kafka, or "
+                               "tansu,kafka (each in turn; the report puts them side by side)."),
 ) -> None:
     """Throughput and latency: raw model, pipeline, end to end through a broker, naive agent,
     1 vs 2 workers, and the worker on a core of its own.
 
     The worker under test takes its settings from EMOSTREAM_* variables, so a lever is measured
-    by running the bench with it set (e.g. EMOSTREAM_BATCH_MAX=256)."""
-    from .bench import ALL_STAGES, BenchError, BenchOptions, run_bench
+    by running the bench with it set (e.g. EMOSTREAM_BATCH_MAX=256). Needs the bench extra."""
+    from emostream.bench import INSTALL_HINT, missing_extra
+
+    if (missing := missing_extra()) is not None:
+        typer.echo(f"emostream bench needs the bench extra ({missing} is not installed): {INSTALL_HINT}", err=True)
+        raise typer.Exit(1)
+    from emostream.bench.plan import ALL_STAGES, BenchError, BenchOptions
+    from emostream.bench.run import run_bench
+
+    from .broker import BrokerError
 
     setup_logging("warning")
     chosen = tuple(x.strip() for x in stages.split(",") if x.strip()) if stages else ALL_STAGES
     if unknown := set(chosen) - set(ALL_STAGES):
         typer.echo(f"unknown stage(s) {sorted(unknown)}; choose from {', '.join(ALL_STAGES)}", err=True)
         raise typer.Exit(2)
+    engines = tuple(x.strip() for x in engine.split(",") if x.strip())
+    if not engines or set(engines) - {"tansu", "kafka"}:
+        typer.echo(f"unknown engine(s) {engine!r}; choose tansu, kafka or tansu,kafka", err=True)
+        raise typer.Exit(2)
     try:
-        run_bench(BenchOptions(data=data, out=out, quick=quick, n=n, model=model, stages=chosen))
-    except BenchError as exc:
+        run_bench(BenchOptions(data=data, out=out, quick=quick, n=n, model=model, stages=chosen, engines=engines))
+    except (BenchError, BrokerError) as exc:
         typer.echo(f"bench failed: {exc}", err=True)
         raise typer.Exit(1) from exc
     typer.echo(f"wrote {out / 'bench.json'} and {out / 'bench.md'}", err=True)

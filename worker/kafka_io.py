@@ -46,13 +46,14 @@ def faust_credentials(settings: Settings):
     return None
 
 
-async def ensure_topics(settings: Settings, topics: Iterable[str], partitions: int | None = None) -> None:
-    """Create the topics that do not exist yet."""
+async def ensure_topics(settings: Settings, topics: Iterable[str], partitions: int | None = None,
+                        configs: dict[str, str] | None = None) -> None:
+    """Create the topics that do not exist yet (with topic ``configs``, e.g. max.message.bytes)."""
     admin = AIOKafkaAdminClient(**client_kwargs(settings))
     try:
         await admin.start()
         existing = set(await admin.list_topics())
-        new = [NewTopic(t, partitions or settings.partitions, settings.replication_factor)
+        new = [NewTopic(t, partitions or settings.partitions, settings.replication_factor, topic_configs=configs)
                for t in dict.fromkeys(topics) if t not in existing]
         if new:
             await admin.create_topics(new)

@@ -1,8 +1,8 @@
 """Every setting of emostream, in one place.
 
 Each field is one environment variable (``EMOSTREAM_<NAME>``) and one CLI flag (``--name``) with
-the documented default below; the README table is generated from this class
-(``emostream settings --markdown``) and a test keeps the two in sync.
+the documented default below; the table of docs/settings.md is generated from this class
+(``emostream settings --update-docs docs/settings.md``) and a test keeps the two in sync.
 """
 
 from __future__ import annotations
@@ -298,25 +298,26 @@ def flag_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-README_BEGIN, README_END = "<!-- settings:begin -->", "<!-- settings:end -->"
+TABLE_BEGIN, TABLE_END = "<!-- settings:begin -->", "<!-- settings:end -->"
 
 
-def update_readme(path) -> bool:
-    """Rewrite the settings table between the README markers; True when it changed."""
+def update_settings_table(path) -> bool:
+    """Rewrite the settings table between the markers of a Markdown file (docs/settings.md); True
+    when it changed. A file without the markers gets the table appended, markers included."""
     from pathlib import Path
 
     path = Path(path)
     text = path.read_text()
-    head, _, rest = text.partition(README_BEGIN)
-    _, _, tail = rest.partition(README_END)
-    new = f"{head}{README_BEGIN}\n{settings_markdown()}\n{README_END}{tail}"
+    head, _, rest = text.partition(TABLE_BEGIN)
+    _, _, tail = rest.partition(TABLE_END)
+    new = f"{head}{TABLE_BEGIN}\n{settings_markdown()}\n{TABLE_END}{tail}"
     if new != text:
         path.write_text(new)
     return new != text
 
 
 def settings_markdown() -> str:
-    """The README table of settings, generated from :class:`Settings`."""
+    """The table of settings in docs/settings.md, generated from :class:`Settings`."""
     rows = ["| flag | environment variable | default | meaning |", "| --- | --- | --- | --- |"]
     for name, field in Settings.model_fields.items():
         default = field.default
