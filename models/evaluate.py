@@ -72,24 +72,13 @@ def report(probs: np.ndarray, gold: np.ndarray, labels: Sequence[str], threshold
     }
 
 
-def default_model() -> str:
-    """The worker's default manifest (its ``model`` setting's default)."""
-    try:
-        from emostream.worker.settings import Settings
-
-        return str(Settings.model_fields["model"].default)
-    except Exception:  # worker package unavailable: the shipped default
-        return "minilm-go-emotions"
-
-
-def evaluate(data: str | Path, head: str = "go_emotions", model: str | None = None, threads: int = 0,
+def evaluate(data: str | Path, model: str, head: str = "go_emotions", threads: int = 0,
              data_dir: str | Path | None = None) -> dict:
-    """Run ``model`` (manifest name or path; default: the worker's default model) on ``data`` and
-    score ``head``. Mapping files are looked for beside ``data`` (else ``data_dir``, else built in)."""
+    """Run ``model`` (manifest name or path; ``emostream eval`` passes the worker's model setting) on
+    ``data`` and score ``head``. Mapping files are looked for beside ``data`` (else ``data_dir``,
+    else built in)."""
     from .model import EmotionModel
 
-    if model is None:
-        model = default_model()
     data = Path(data)
     data_dir = Path(data_dir) if data_dir else data.parent
     em = EmotionModel.load(model, threads=threads)

@@ -1,8 +1,8 @@
 """Fine-tuning tooling (emostream.models.training).
 
 The pure parts (label mappings, the sentiment rule, the bucketed batch sampler) need no torch
-and always run. The rest needs torch (the ``train`` extra, which CI's ``.[dev]`` does not
-install): those tests are skipped there by ``pytest.importorskip("torch")``.
+and always run. The rest needs torch (the ``train`` extra, which ``.ci/run`` installs): where it
+is not installed, those tests skip (``pytest.importorskip("torch")``).
 """
 
 import json
