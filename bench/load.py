@@ -33,7 +33,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from emostream.worker.broker import free_port
 from emostream.worker.kafka_io import client_kwargs, ensure_topics
 from emostream.worker.processes import resolve
-from emostream.worker.settings import Settings, env_name
+from emostream.worker.settings import Settings, child_env
 
 from .broker import BenchBroker
 from .plan import BenchError, Plan, record
@@ -53,22 +53,12 @@ def latency_summary(latencies_s: Sequence[float]) -> dict:
 
 # --------------------------------------------------------------------------------------------
 # worker processes and meters
-def worker_env(settings: Settings, **extra) -> dict[str, str]:
-    """This process's environment with every ``EMOSTREAM_*`` variable replaced by these settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EMOSTREAM_")}
-    for name, value in settings.model_dump().items():
-        env[env_name(name)] = str(value).lower() if isinstance(value, bool) else str(value)
-    for name, value in extra.items():
-        env[env_name(name)] = str(value)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
 
 def _env_for_one(settings: Settings) -> dict[str, str]:
     """Each process its own free port for whatever port settings exist (metrics/health server)."""
     ports = {name: free_port() for name in type(settings).model_fields
              if name.endswith("_port") and getattr(settings, name)}
-    return worker_env(settings.model_copy(update=ports))
+    return child_env(settings.model_copy(update=ports))
 
 
 class RssMonitor(threading.Thread):

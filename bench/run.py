@@ -63,13 +63,12 @@ def run_bench(options: BenchOptions) -> dict:
                 settings = settings.model_copy(update={"batch_max_tokens": results["pipeline"]["tuned_batch_max_tokens"]})
         results["meta"]["worker_settings"] = {
             "batch_max_tokens": settings.batch_max_tokens, "session_timeout_s": min(settings.session_timeout_s, 10.0),
-            "cache_size": 0, "fetch_max_wait_ms": getattr(settings, "fetch_max_wait_ms", None)}
+            "cache_size": 0, "fetch_max_wait_ms": settings.fetch_max_wait_ms}
         if "cache" in stages:
             results["cache"] = bench_cache(get_model(), settings, texts, plan, progress, options.seed)
         # A shorter session timeout only makes the group join faster on the embedded broker.
-        wupdate = {"session_timeout_s": min(settings.session_timeout_s, 10.0)}
-        if "cache_size" in type(settings).model_fields:
-            wupdate["cache_size"] = 0  # the bench repeats its texts across phases: every record must be inferred
+        # cache off: the bench repeats its texts across phases, and every record must be inferred
+        wupdate = {"session_timeout_s": min(settings.session_timeout_s, 10.0), "cache_size": 0}
         wsettings = settings.model_copy(update=wupdate)
         if stages & set(BROKER_STAGES):
             # Each engine's broker stages; the first engine's also fill the top-level sections.

@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -25,7 +24,7 @@ import pytest
 
 from emostream.worker.broker import ENGINES, make_broker
 from emostream.worker.kafka_io import consume, ensure_topics, produce
-from emostream.worker.settings import Settings, env_name
+from emostream.worker.settings import Settings, child_env, worker_command
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -144,12 +143,7 @@ class Topics:
                                                       self.settings.dlq_topic]))
 
     def env(self, **extra) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EMOSTREAM_")}
-        env.update(self.settings.as_env())
-        for name, value in extra.items():
-            env[env_name(name)] = str(value)
-        env["PYTHONUNBUFFERED"] = "1"
-        return env
+        return child_env(self.settings, **extra)
 
     def produce(self, values, keys=None) -> int:
         keys = keys or [None] * len(values)
@@ -169,10 +163,10 @@ class Topics:
 
 
 class WorkerProcess:
-    def __init__(self, env: dict[str, str], log_path: Path, module_args=("emostream.worker.cli", "worker")):
+    def __init__(self, env: dict[str, str], log_path: Path, cmd: list[str] | None = None):
         self.log_path = log_path
         self.log = open(log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", *module_args], env=env,
+        self.proc = subprocess.Popen(cmd or worker_command(), env=env,
                                      stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 30.0) -> int:

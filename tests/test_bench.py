@@ -13,6 +13,7 @@ import pytest
 from emostream.bench.plan import (IN_PROCESS_STAGES, BenchError, BenchOptions, duplicate_stream, load_texts,
                                   repeat_fraction)
 from emostream.bench.run import run_bench
+from emostream.bench.stages import NAIVE_CMD
 from emostream.models.model import EmotionModel
 from emostream.worker.cache import CachedResult, HeadRow, ResultCache, text_key
 from emostream.worker.decode import RawMessage
@@ -225,7 +226,7 @@ def test_cache_is_off_by_default(tiny):
 # --- through the broker ------------------------------------------------------------------------
 @pytest.mark.broker
 def test_naive_agent_one_output_per_record(topics, tmp_path):
-    agent = WorkerProcess(topics.env(), tmp_path / "naive.log", module_args=("emostream.bench.naive_agent",))
+    agent = WorkerProcess(topics.env(), tmp_path / "naive.log", cmd=NAIVE_CMD)
     try:
         n = 30
         values = [orjson.dumps({"id": f"n{i}", "text": f"I feel fine, number {i}", "seq": i}) for i in range(n)]

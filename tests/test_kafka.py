@@ -24,14 +24,14 @@ from emostream.worker.kafka_io import client_kwargs
 
 from accounting import end_offsets_total, records, wait_all_accounted, wait_for_outputs
 from conftest import Topics
+from group import assigned_by_process, wait_for_group
 
 pytestmark = [pytest.mark.broker, pytest.mark.fault, pytest.mark.kafka]
 
 
 def assigned(worker) -> int | None:
-    """Partitions the worker holds now, from its latest "Worker ready: N partition(s)" line."""
-    found = re.findall(r"Worker ready: (\d+) partition", worker.output())
-    return int(found[-1]) if found else None
+    """Partitions the worker holds now, from its latest "Worker ready" line (None: none yet)."""
+    return assigned_by_process(worker.output()).get(worker.proc.pid)
 
 
 def wait_until(condition, timeout: float, what: str, workers=()) -> None:
@@ -80,9 +80,7 @@ def test_exactly_once_fences_a_zombie(kafka, start_worker):
     flight must not become visible (its producers were fenced by the new owner)."""
     t = Topics(kafka, partitions=4, delivery="exactly_once", session_timeout_s=6)
     zombie, survivor = start_worker(t), start_worker(t)
-    wait_until(lambda: (assigned(zombie) or 0) > 0 and (assigned(survivor) or 0) > 0
-               and assigned(zombie) + assigned(survivor) == 4, 120, "both workers to hold partitions",
-               [zombie, survivor])
+    wait_for_group([zombie, survivor], members=2, partitions=4, timeout=120)
     n = 12_000
     keys, values = records(n)
     t.produce(values, keys)
