@@ -16,7 +16,7 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from emostream.models.evaluate import default_model, head_output
+from emostream.models.evaluate import head_output
 from emostream.models.linear_head import read_goemotions
 from emostream.models.manifest import registered
 from emostream.models.model import EmotionModel
@@ -26,6 +26,7 @@ from emostream.worker.settings import Settings
 
 DEV = Path(__file__).parent / "fixtures" / "go_emotions_small" / "dev.tsv"  # 150 GoEmotions dev rows
 BOUND = 1e-4
+DEFAULT = Settings.model_fields["model"].default  # the model the worker runs unless told otherwise
 TEXTS = read_goemotions(DEV)[0]
 # (streams, threads per call): the worker's default on 2 cores is 2 × 1
 RUNTIMES = [(1, 1), (2, 1), (1, 2)]
@@ -33,7 +34,7 @@ RUNTIMES = [(1, 1), (2, 1), (1, 2)]
 
 @pytest.fixture(scope="module")
 def models():
-    return {rt: EmotionModel.load(default_model(), streams=rt[0], threads=rt[1]) for rt in RUNTIMES}
+    return {rt: EmotionModel.load(DEFAULT, streams=rt[0], threads=rt[1]) for rt in RUNTIMES}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def alone(models):
 
 
 def test_the_default_model_is_the_one_tested():
-    assert default_model() == Settings.model_fields["model"].default == "minilm-ft-emotions"
+    assert DEFAULT == Settings.model_fields["model"].default == "minilm-ft-emotions"
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
