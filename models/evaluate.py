@@ -78,24 +78,13 @@ def report(probs: np.ndarray, gold: np.ndarray, labels: Sequence[str], threshold
     }
 
 
-def default_model() -> str:
-    """The worker's default manifest (its ``model`` setting's default)."""
-    try:
-        from emostream.worker.settings import Settings
-
-        return str(Settings.model_fields["model"].default)
-    except Exception:  # worker package unavailable: the shipped default
-        return "minilm-go-emotions"
-
-
-def evaluate(data: str | Path, head: str = "go_emotions", model: str | None = None, threads: int = 0,
+def evaluate(data: str | Path, model: str, head: str = "go_emotions", threads: int = 0,
              data_dir: str | Path | None = None, cache_dir: str | None = None) -> dict:
-    """Run ``model`` (manifest name or path; default: the worker's default model) on ``data`` and
-    score ``head``. Mapping files are looked for beside ``data`` (else ``data_dir``, else built in)."""
+    """Run ``model`` (manifest name or path; ``emostream eval`` passes the worker's model setting) on
+    ``data`` and score ``head``. Mapping files are looked for beside ``data`` (else ``data_dir``,
+    else built in). ``cache_dir``: where an assembled backbone is built on first load."""
     from .model import EmotionModel
 
-    if model is None:
-        model = default_model()
     data = Path(data)
     data_dir = Path(data_dir) if data_dir else data.parent
     em = EmotionModel.load(model, threads=threads, cache_dir=cache_dir)
@@ -108,8 +97,15 @@ def evaluate(data: str | Path, head: str = "go_emotions", model: str | None = No
     if not texts:
         raise EvalError(f"{data}: no rows")
     gold = gold_labels(h.labels, y, data_dir)
-    probs = h.from_encoded(em.encoder.embed(texts)).probs
+    probs = head_output(em, head, texts).probs
     return report(probs, gold, h.labels, h.thresholds, h.spec.kind == "single_label", head)
+
+
+def head_output(em, head: str, texts: Sequence[str]):
+    """What ``emostream eval`` scores: ``head``'s scores and labels for ``texts``, all in one call
+    (the encoder cuts them into its length-sorted sub-batches)."""
+    h = next(h for h in em.heads if h.name == head)
+    return h.from_encoded(em.encoder.embed(texts))
 
 
 CHECK_FIXED = ("id", "language", "text")
@@ -133,14 +129,13 @@ def read_check(path: str | Path) -> tuple[list[dict[str, str]], list[str]]:
     return rows, [c for c in header if c not in CHECK_FIXED]
 
 
-def evaluate_check(data: str | Path, model: str | None = None, threads: int = 0,
-                   cache_dir: str | None = None) -> dict:
+def evaluate_check(data: str | Path, model: str, threads: int = 0, cache_dir: str | None = None) -> dict:
     """Top-label accuracy per language (and over all languages but English) of every head the
     check set has a column for; also each row's prediction, for reading the misses."""
     from .model import EmotionModel
 
     rows, columns = read_check(data)
-    em = EmotionModel.load(model or default_model(), threads=threads, cache_dir=cache_dir)
+    em = EmotionModel.load(model, threads=threads, cache_dir=cache_dir)
     heads = [h for h in em.heads if h.name in columns]
     if not heads:
         raise EvalError(f"model {em.manifest.name!r} has none of the check set's heads {columns}")

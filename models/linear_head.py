@@ -306,16 +306,55 @@ def predict_proba(X: np.ndarray, W: np.ndarray, b: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
 
-def crossfit_macro_f1(probs: np.ndarray, y: np.ndarray, grid: np.ndarray = DEFAULT_GRID, seed: int = 0) -> float:
-    """Macro F1 with thresholds tuned on one half of dev and scored on the other (both ways,
-    pooled): a less optimistic figure than tuning and scoring on the same rows."""
-    idx = np.random.default_rng(seed).permutation(len(y))
-    halves = np.array_split(idx, 2)
-    pred = np.zeros_like(y, dtype=bool)
-    for a, other in ((halves[0], halves[1]), (halves[1], halves[0])):
-        thr = tune_thresholds(probs[other], y[other], grid)
-        pred[a] = probs[a] >= thr[None, :]
-    return f1_report(pred.astype(np.float64), y, 0.5)["macro"]["f1"]
+def shared_threshold(probs: np.ndarray, y: np.ndarray, grid: np.ndarray = DEFAULT_GRID) -> float:
+    """The one grid threshold that maximises macro F1 over the labels that have positives."""
+    y = np.asarray(y).astype(bool)
+    has = y.any(axis=0)
+    pred = np.asarray(probs, dtype=np.float64)[:, has, None] >= np.asarray(grid)[None, None, :]  # [n, L, G]
+    pos = y[:, has, None]
+    tp = (pred & pos).sum(axis=0)
+    f1 = _f1(tp, pred.sum(axis=0) - tp, pos.sum(axis=0) - tp)  # [L, G]
+    return float(grid[int(np.argmax(f1.mean(axis=0)))])
+
+
+def transferable_thresholds(probs: np.ndarray, y: np.ndarray, grid: np.ndarray = DEFAULT_GRID, bags: int = 20,
+                            shrink: float = 10.0, seed: int = 0) -> np.ndarray:
+    """Per-label thresholds meant for unseen data rather than for the rows they were tuned on.
+
+    A label's F1-best threshold on a few thousand rows is jagged (a rare label has a dozen
+    positives), so it is averaged over ``bags`` bootstrap resamples, then pulled towards the one
+    shared threshold in proportion to how few positives the label has (weight n / (n + shrink)).
+    On the default model's dev probabilities, cross-fitted macro F1 (30 random halvings): 0.520
+    with plain per-label thresholds, 0.525 bagged, 0.525 shrunk, 0.529 both.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(y).astype(bool)
+    rng = np.random.default_rng(seed)
+    bagged = np.mean([tune_thresholds(probs[i], y[i], grid)
+                      for i in (rng.integers(0, len(y), len(y)) for _ in range(max(1, bags)))], axis=0)
+    shared = shared_threshold(probs, y, grid)
+    n = y.sum(axis=0).astype(np.float64)
+    w = n / (n + shrink) if shrink > 0 else np.ones_like(n)
+    return np.where(n > 0, w * bagged + (1 - w) * shared, shared)
+
+
+def crossfit_macro_f1(probs: np.ndarray, y: np.ndarray, grid: np.ndarray = DEFAULT_GRID, seed: int = 0,
+                      splits: int = 1, tuner=tune_thresholds) -> float:
+    """Macro F1 with thresholds tuned (``tuner``) on one half of dev and scored on the other
+    (both ways, pooled): a less optimistic figure than tuning and scoring on the same rows. With
+    ``splits`` > 1, the mean over that many random halvings (seeds ``seed``, ``seed + 1``, …):
+    one halving swings by ±0.006 on GoEmotions dev."""
+    y = np.asarray(y)
+    scores = []
+    for k in range(splits):
+        idx = np.random.default_rng(seed + k).permutation(len(y))
+        halves = np.array_split(idx, 2)
+        pred = np.zeros_like(y, dtype=bool)
+        for a, other in ((halves[0], halves[1]), (halves[1], halves[0])):
+            thr = tuner(probs[other], y[other], grid)
+            pred[a] = probs[a] >= thr[None, :]
+        scores.append(f1_report(pred.astype(np.float64), y, 0.5)["macro"]["f1"])
+    return float(np.mean(scores))
 
 
 def train(

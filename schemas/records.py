@@ -1,7 +1,8 @@
-"""Record types of emostream: what comes in, what goes out, what is dead-lettered.
+"""The record contract of emostream: what comes in, what goes out, what is dead-lettered.
 
 The JSON Schema files beside this module (``input.schema.json``, ``output.schema.json``,
-``dead_letter.schema.json``) are the published contract; these types mirror them for code.
+``dead_letter.schema.json``) are the published contract, and tests validate the worker's records
+against them; :class:`ErrorCode` lists why a record is dead-lettered.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 from enum import Enum
 from importlib import resources
-from typing import Any, NotRequired, TypedDict
+from typing import Any
 
 SCHEMA_FILES = {
     "input": "input.schema.json",
@@ -33,46 +34,6 @@ class ErrorCode(str, Enum):
     INVALID_ID = "invalid_id"
     INFERENCE_FAILED = "inference_failed"
     UNPROCESSABLE = "unprocessable"  # any other per-record failure (e.g. passthrough too deep to re-encode)
-
-
-class Source(TypedDict):
-    topic: str
-    partition: int
-    offset: int
-    timestamp: str | None  # ISO 8601 (UTC) of the input record's Kafka timestamp
-
-
-class HeadResult(TypedDict):
-    scores: dict[str, float]
-    labels: list[str]
-    top: str
-
-
-class ModelInfo(TypedDict):
-    name: str
-    version: str
-    backbone: dict[str, str]
-    heads: dict[str, str]
-
-
-class OutputRecord(TypedDict):
-    id: str
-    emotions: dict[str, HeadResult]
-    model: ModelInfo
-    source: Source
-    processed_at: str
-    text: NotRequired[str]
-
-
-class DeadLetter(TypedDict):
-    id: str | None
-    error: dict[str, str]  # {"code": ErrorCode, "message": human text}
-    original: str | None  # base64 of the original value bytes (cut when too large)
-    original_size: int | None
-    original_truncated: bool
-    key: str | None  # base64 of the original key bytes
-    source: Source
-    failed_at: str
 
 
 def load_schema(name: str) -> dict[str, Any]:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
 
+import orjson
 import pytest
 
-from emostream.worker.alerts import AlertRuleError, Rule, alert_record, evaluate, load_rules, parse_inline, validate
+from emostream.worker.alerts import AlertRuleError, Rule, evaluate, load_rules, parse_inline, validate, with_alert
 
 HEADS = {
     "go_emotions": ["anger", "annoyance", "disgust", "grief", "joy", "neutral"],
@@ -258,11 +258,11 @@ def test_file_errors(tmp_path):
         load_rules(str(j))
 
 
-# -- alert_record -------------------------------------------------------------------------------
-def test_alert_record():
-    record = {"id": "post-1", "emotions": ANGRY, "model": {"name": "m"}}
-    out = alert_record(record, ["angry"], at=1795428000.123)
-    assert out["alert"] == {"rules": ["angry"], "at": "2026-11-23T10:00:00.123+00:00"}
-    assert out["id"] == "post-1" and "alert" not in record  # the input is not modified
-    now = alert_record(record, ["angry"])["alert"]["at"]
-    assert datetime.fromisoformat(now).tzinfo is not None
+# -- with_alert ---------------------------------------------------------------------------------
+def test_with_alert_adds_the_field_as_encoding_the_record_would():
+    record = {"id": "post-1", "text": "ünïcode \u2028 \"quoted\"", "emotions": ANGRY, "model": {"name": "m"}}
+    encoded = orjson.dumps(record)
+    out = with_alert(encoded, ["angry", "gross"], at=1795428000.123)
+    want = {**record, "alert": {"rules": ["angry", "gross"], "at": "2026-11-23T10:00:00.123+00:00"}}
+    assert out == orjson.dumps(want)  # byte for byte what encoding the extended record gives
+    assert orjson.loads(out) == want

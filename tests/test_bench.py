@@ -10,9 +10,11 @@ import numpy as np
 import orjson
 import pytest
 
+from emostream.bench.plan import (IN_PROCESS_STAGES, BenchError, BenchOptions, duplicate_stream, load_texts,
+                                  repeat_fraction)
+from emostream.bench.run import run_bench
+from emostream.bench.stages import NAIVE_CMD
 from emostream.models.model import EmotionModel
-from emostream.worker.bench import (IN_PROCESS_STAGES, BenchError, BenchOptions, duplicate_stream, load_texts,
-                                    repeat_fraction, run_bench)
 from emostream.worker.cache import CachedResult, HeadRow, ResultCache, text_key
 from emostream.worker.decode import RawMessage
 from emostream.worker.pipeline import Enricher
@@ -89,6 +91,51 @@ def test_missing_data_file_is_a_clear_error(tmp_path):
                        capture_output=True, timeout=120, cwd=ROOT)
     assert p.returncode == 1
     assert b"data file not found" in p.stderr and b"nope.tsv" in p.stderr
+
+
+def test_bench_without_its_extra_says_what_to_install(tmp_path):
+    # A plain install (no bench extra): matplotlib cannot be imported.
+    code = ("import sys; sys.modules['matplotlib'] = None; from emostream.worker.cli import main; "
+            f"sys.argv = ['emostream', 'bench', '--quick', '--out', {str(tmp_path / 'o')!r}]; main()")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 1
+    assert p.stderr.decode().splitlines() == [
+        "emostream bench needs the bench extra (matplotlib is not installed): pip install 'emostream[bench]'"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_worker_runs_without_the_bench():
+    code = ("import importlib, pkgutil, sys; import emostream.worker as w\n"
+            "for m in pkgutil.iter_modules(w.__path__): importlib.import_module('emostream.worker.' + m.name)\n"
+            "print(sorted(k for k in sys.modules if k.split('.')[0] in ('psutil', 'matplotlib') "
+            "or k.startswith('emostream.bench')))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 0, p.stderr.decode()
+    assert p.stdout.decode().strip() == "[]"
+
+
+def test_raw_stage_sub_batches_as_the_worker_does(tiny_manifest):
+    from emostream.bench.plan import Plan, RawVariant
+    from emostream.bench.progress import Progress
+    from emostream.bench.stages import bench_raw
+    from emostream.models.encoder import split_sorted
+
+    texts = load_texts(DEV, 60)
+    arrival, by_length = RawVariant(1, 16, 64, order="arrival"), RawVariant(1, 16, 64)
+    with Progress(False) as progress:
+        raw = bench_raw(str(tiny_manifest), texts, Plan(n=60, raw_variants=(arrival, by_length), rounds=1), progress)
+    encoder = EmotionModel.load(str(tiny_manifest), threads=1).encoder
+    lengths = [len(ids) for ids in encoder.tokenize(texts)]
+    ordered = {"arrival": list(range(60)), "length-sorted": sorted(range(60), key=lengths.__getitem__)}
+    for v in raw["variants"]:
+        batches = [ordered[v["order"]][i:i + 16] for i in range(0, 60, 16)]
+        # the encoder's own padding and cuts (split_sorted) for each batch of the stage
+        assert v["padded_tokens"] == sum(encoder.embed([texts[i] for i in b], max_tokens=64).padded_tokens
+                                         for b in batches)
+        assert v["calls"] == sum(len(split_sorted(np.sort([lengths[i] for i in b]), 64)) for b in batches)
+        assert v["tokens"] == sum(lengths) and v["texts"] == 60
+    arrival_row, sorted_row = raw["variants"]
+    assert sorted_row["padded_tokens"] <= arrival_row["padded_tokens"]
 
 
 def test_load_texts_tsv_and_plain(tmp_path):
@@ -179,7 +226,7 @@ def test_cache_is_off_by_default(tiny):
 # --- through the broker ------------------------------------------------------------------------
 @pytest.mark.broker
 def test_naive_agent_one_output_per_record(topics, tmp_path):
-    agent = WorkerProcess(topics.env(), tmp_path / "naive.log", module_args=("emostream.worker.naive_agent",))
+    agent = WorkerProcess(topics.env(), tmp_path / "naive.log", cmd=NAIVE_CMD)
     try:
         n = 30
         values = [orjson.dumps({"id": f"n{i}", "text": f"I feel fine, number {i}", "seq": i}) for i in range(n)]
@@ -196,12 +243,15 @@ def test_naive_agent_one_output_per_record(topics, tmp_path):
 
 
 @pytest.mark.broker
-def test_quick_end_to_end_stage_reports_throughput_latency_and_rss(tmp_path, tiny_manifest):
+def test_quick_end_to_end_stage_reports_throughput_latency_and_rss(engine, tmp_path, tiny_manifest):
     out = tmp_path / "out"
     data = run_bench(BenchOptions(data=DEV, out=out, quick=True, n=40, model=str(tiny_manifest),
-                                  stages=("end_to_end",), progress=False,
+                                  stages=("end_to_end",), progress=False, engines=(engine,),
                                   settings=Settings.from_env(environ={})))
+    assert data["meta"]["engines"] == [engine] and list(data["engines"]) == [engine]
     e2e = data["end_to_end"]
+    assert e2e is data["engines"][engine]["end_to_end"]
+    assert e2e["flat_out"]["cpu_cores_used"]["broker"] > 0  # every broker process is metered (Kafka: the JVM)
     assert e2e["flat_out"]["records"] == 40 and e2e["flat_out"]["texts_per_s"] > 0
     assert e2e["open_loop"]["records"] >= 40
     assert set(e2e["open_loop"]["latency"]) >= {"p50_ms", "p95_ms", "p99_ms"}
@@ -212,16 +262,41 @@ def test_quick_end_to_end_stage_reports_throughput_latency_and_rss(tmp_path, tin
     assert (out / "latency.png").exists()
     assert os.path.exists(out / "bench.md")
     # The overlap lever (full runs only) renders as two more rows and a speed-up line.
-    from emostream.worker import bench_report
+    from emostream.bench import report
 
     e2e["publish_overlap_comparison"] = {"publish_delay_ms": 60, "on": dict(e2e), "off": dict(e2e)}
-    md = bench_report.markdown(data)
+    md = report.markdown(data)
     assert "publish +60 ms, overlap on (default)" in md and "publish +60 ms, overlap off" in md
     assert "(1.00×) flat out" in md
 
 
+def test_engines_side_by_side_show_each_engines_figures_and_targets():
+    from emostream.bench import report
+
+    def case(tps, p99, broker_cpu):
+        return {"flat_out": {"texts_per_s": tps, "cpu_cores_used": {"broker": broker_cpu, "bench_client": 0.1,
+                                                                     "workers": 1.5, "other": 0.0}},
+                "open_loop": {"latency": {"count": 100, "p50_ms": 40.0, "p95_ms": 60.0, "p99_ms": p99}},
+                "latency_budget": {"batch_window_ms": 50.0, "batch_inference_ms": 20.0, "p99_bound_ms": 90.0,
+                                   "batch_size_at_half_rate": 8}, "max_peak_rss_mb": 210.0}
+
+    results = {"meta": {"host": {"cpu_count": 2}}, "raw": {"best": {"texts_per_s": 1000.0}}, "engines": {}}
+    for name, tps, p99, cpu in (("tansu", 850.0, 150.0, 0.12), ("kafka", 900.0, 80.0, 0.31)):
+        mine = {"end_to_end": case(tps, p99, cpu), "naive": {"flat_out": {"texts_per_s": 200.0}}}
+        mine["targets"] = report.evaluate_targets(results | mine)
+        results["engines"][name] = mine
+    text = "\n".join(report._engines_section(results))
+    assert "| measure | `tansu` | `kafka` |" in text
+    assert "| end to end, flat out (texts/s) | 850.0 (85% of raw) | 900.0 (90% of raw) |" in text
+    assert "| CPU during flat out: broker (cores) | 0.12 | 0.31 |" in text
+    p99_row = next(line for line in text.splitlines() if line.startswith("| p99 latency"))
+    assert "p99 150 ms vs 50 + 2 × 20 = 90 ms (batches of ~8); **no**" in p99_row
+    assert "p99 80 ms vs 50 + 2 × 20 = 90 ms (batches of ~8); **yes**" in p99_row
+    assert report._engines_section({"engines": {"tansu": {}}}) == []  # one engine: the sections say it all
+
+
 def test_cpu_ceiling_is_what_broker_and_load_generator_leave():
-    from emostream.worker.bench_report import _cpu_ceiling
+    from emostream.bench.report import _cpu_ceiling
 
     results = {"meta": {"host": {"cpu_count": 2}}, "raw": {"best": {"texts_per_s": 400.0}},
                "end_to_end": {"flat_out": {"cpu_cores_used": {"workers": 1.5, "broker": 0.1, "bench_client": 0.1,
@@ -239,7 +314,7 @@ TWO_CORES = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2
 def test_pinned_moves_every_thread_and_puts_it_back():
     import threading
 
-    from emostream.worker.bench import _threads_of, pinned
+    from emostream.bench.load import _threads_of, pinned
 
     before = os.sched_getaffinity(0)
     core = {min(before)}
@@ -257,7 +332,7 @@ def test_pinned_moves_every_thread_and_puts_it_back():
 
 @TWO_CORES
 def test_spawned_processes_run_on_the_cores_asked_for(tmp_path):
-    from emostream.worker.bench import spawn
+    from emostream.bench.load import spawn
 
     core = {max(os.sched_getaffinity(0))}
     cmd = [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"]
@@ -276,16 +351,17 @@ def test_own_core_stage_is_skipped_in_quick_mode(tmp_path, tiny_manifest):
 @TWO_CORES
 @pytest.mark.broker
 def test_own_core_stage_compares_the_pinned_worker_with_the_raw_model_on_its_core(tmp_path, tiny_manifest):
-
-    from emostream.worker import bench_report
-    from emostream.worker.bench import Plan, Progress, bench_own_core, load_texts
-    from emostream.worker.broker import EmbeddedBroker
+    from emostream.bench import report
+    from emostream.bench.broker import open_broker
+    from emostream.bench.plan import Plan
+    from emostream.bench.progress import Progress
+    from emostream.bench.stages import bench_own_core
 
     texts = load_texts(DEV, 40)
     plan = Plan(n=40, raw_variants=(), rounds=1, flat_out_records=40, open_loop_s=1.0, open_loop_min=20, warmup=8,
                 t_batch_repeats=2, window_sweep_ms=(0.0,))
     s = Settings.from_env(environ={}).model_copy(update={"model": str(tiny_manifest), "session_timeout_s": 10.0})
-    with EmbeddedBroker(log_path=tmp_path / "tansu.log") as broker, Progress(False) as progress:
+    with open_broker(tmp_path) as broker, Progress(False) as progress:
         own = bench_own_core(broker, s, texts, plan, progress, tmp_path)
     assert own["cores"]["worker"] == [min(os.sched_getaffinity(0))]
     assert set(own["cores"]["broker_and_bench"]) == os.sched_getaffinity(0) - set(own["cores"]["worker"])
@@ -296,11 +372,11 @@ def test_own_core_stage_compares_the_pinned_worker_with_the_raw_model_on_its_cor
     assert {v["threads"] for v in own["raw"]["variants"]} == {1} and own["raw"]["best"]["texts_per_s"] > 0
     # The report: a targets column of its own and section 5, every ratio from these numbers.
     results = {"meta": {"host": {"cpu_count": 2}}, "own_core": own}
-    targets = bench_report.evaluate_targets(results)
+    targets = report.evaluate_targets(results)
     assert {t["id"] for t in targets} == TARGET_IDS and all(t["own_core"]["met"] is not None for t in targets)
     ratio = own["worker"]["flat_out"]["texts_per_s"] / own["raw"]["best"]["texts_per_s"]
     assert f"= {ratio:.0%}" in next(t for t in targets if t["id"] == "throughput_vs_raw")["own_core"]["measured"]
-    section = "\n".join(bench_report._own_core_section(results))
+    section = "\n".join(report._own_core_section(results))
     assert f"Worker / raw model on the same core: **{ratio:.0%}**" in section
     # The window sweep: the configured window and the one asked for, each with its own bound.
     assert [x["batch_window_ms"] for x in own["window_sweep"]] == [0.0, s.batch_window_ms]
@@ -312,9 +388,11 @@ def test_own_core_stage_compares_the_pinned_worker_with_the_raw_model_on_its_cor
 @TWO_CORES
 @pytest.mark.broker
 def test_scaling_stage_measures_one_worker_against_a_process_per_core(tmp_path, tiny_manifest):
-    from emostream.worker import bench_report
-    from emostream.worker.bench import Plan, Progress, _scaling, load_texts
-    from emostream.worker.broker import EmbeddedBroker
+    from emostream.bench import report
+    from emostream.bench.broker import open_broker
+    from emostream.bench.plan import Plan
+    from emostream.bench.progress import Progress
+    from emostream.bench.stages import bench_scaling
 
     texts = load_texts(DEV, 40)
     # Enough records that the children's CPU time spans more than a few clock ticks (the tiny model
@@ -322,8 +400,8 @@ def test_scaling_stage_measures_one_worker_against_a_process_per_core(tmp_path, 
     plan = Plan(n=40, raw_variants=(), rounds=1, flat_out_records=1000, warmup=8, t_batch_repeats=2)
     s = Settings.from_env(environ={}).model_copy(update={"model": str(tiny_manifest), "session_timeout_s": 10.0,
                                                         "metrics_port": 0})
-    with EmbeddedBroker(log_path=tmp_path / "tansu.log") as broker, Progress(False) as progress:
-        sc = _scaling(broker, s, texts, plan, progress, tmp_path, {})
+    with open_broker(tmp_path) as broker, Progress(False) as progress:
+        sc = bench_scaling(broker, s, texts, plan, progress, tmp_path, {})
     per_core = sc["processes_per_core"]
     cores = len(os.sched_getaffinity(0))
     # RSS and CPU are read from the command's children: one per core, each a worker of its own.
@@ -332,8 +410,8 @@ def test_scaling_stage_measures_one_worker_against_a_process_per_core(tmp_path, 
     assert per_core["flat_out"]["records"] == 1000 and per_core["flat_out"]["cpu_cores_used"]["workers"] > 0
     assert sc["processes_ratio"] == round(per_core["flat_out"]["texts_per_s"]
                                           / sc["one_worker"]["flat_out"]["texts_per_s"], 3)
-    md = "\n".join(bench_report._scaling_section({"scaling": sc}))
+    md = "\n".join(report._scaling_section({"scaling": sc}))
     assert f"`--processes 0`: {cores} processes, each pinned to a core" in md
     assert f"**{sc['processes_ratio']:.2f}×**" in md
-    line = bench_report._processes_line({"raw": {"best": {"texts_per_s": 1000.0}}, "scaling": sc})
+    line = report._processes_line({"raw": {"best": {"texts_per_s": 1000.0}}, "scaling": sc})
     assert f"= {per_core['flat_out']['texts_per_s'] / 1000.0:.0%} of the raw model's best" in line

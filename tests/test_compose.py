@@ -8,7 +8,6 @@ work, the tokenizer package installed with its torch dependencies.
 
 from __future__ import annotations
 
-import ast
 import fnmatch
 import json
 import os
@@ -16,7 +15,6 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -148,32 +146,43 @@ def exec_form(rest: str) -> list[str]:
     return value
 
 
-def dockerfile_healthcheck_script() -> str:
+def dockerfile_healthcheck() -> tuple[str, list[str]]:
+    """(options, exec-form command) of the Dockerfile's HEALTHCHECK."""
     (hc,) = [rest for word, rest in dockerfile_instructions() if word == "HEALTHCHECK"]
-    m = re.search(r"\bCMD\s+(\[.*\])\s*$", hc)
+    m = re.search(r"^(.*)\bCMD\s+(\[.*\])\s*$", hc)
     assert m, f"HEALTHCHECK should use the exec form CMD [...]: {hc!r}"
-    argv = exec_form(m.group(1))
-    assert argv[:2] == ["python", "-c"] and len(argv) == 3, argv
-    return argv[2]
+    return m.group(1), exec_form(m.group(2))
 
 
-def compose_healthcheck_script(worker) -> str:
+def compose_healthcheck(worker) -> list[str]:
     test = worker["healthcheck"]["test"]
-    assert test[:3] == ["CMD", "python", "-c"] and len(test) == 4, test
-    return test[3]
+    assert test[0] == "CMD", f"exec form, no shell in between: {test}"
+    return test[1:]
 
 
 # --------------------------------------------------------------------------------------------
 # docker-compose.yml: the broker
 # --------------------------------------------------------------------------------------------
-def test_services_exist(compose):
-    assert {"kafka", "worker"} <= set(compose["services"])
+def test_kafka_is_the_version_the_tests_run(kafka):
+    from emostream.worker.kafka_broker import KAFKA_VERSION
+
+    assert kafka["image"] == f"apache/kafka:{KAFKA_VERSION}"
 
 
-def test_kafka_is_the_official_image_pinned(kafka):
-    image = kafka["image"]
-    assert image.startswith("apache/kafka:"), image
-    assert image.split(":", 1)[1] not in ("", "latest"), "pin the broker version"
+def test_kafka_runs_the_launchers_broker_settings(kafka_env):
+    """Compose's Kafka and `emostream broker --engine kafka` (what every Kafka test runs) agree:
+    the image turns KAFKA_A_B into the property a.b."""
+    from emostream.worker.kafka_broker import cluster_properties
+
+    compose_props = {k.removeprefix("KAFKA_").lower().replace("_", "."): v for k, v in kafka_env.items()
+                     if k.startswith("KAFKA_") and k != "KAFKA_HEAP_OPTS"}
+    launcher = cluster_properties(nodes=1)
+    # compose adds a listener for clients on the host; the launcher's ones must map the same way
+    assert protocol_map(launcher.pop("listener.security.protocol.map")).items() \
+        <= protocol_map(compose_props["listener.security.protocol.map"]).items()
+    for key, value in launcher.items():
+        assert compose_props.get(key) == value, f"{key}: compose {compose_props.get(key)!r}, launcher {value!r}"
+    assert "-Xmx512m" in kafka_env["KAFKA_HEAP_OPTS"]  # the launcher's heap for one node
 
 
 def test_kraft_combined_single_node(kafka_env):
@@ -213,10 +222,7 @@ def test_kafka_listeners_are_consistent(kafka_env):
 
 
 def test_single_broker_replication_settings(kafka_env, worker_env):
-    for key in ("KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR", "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR",
-                "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR"):
-        assert kafka_env[key] == "1", key
-    assert worker_env["EMOSTREAM_REPLICATION_FACTOR"] == "1"
+    assert worker_env["EMOSTREAM_REPLICATION_FACTOR"] == kafka_env["KAFKA_DEFAULT_REPLICATION_FACTOR"] == "1"
     assert int(kafka_env["KAFKA_NUM_PARTITIONS"]) >= 1
 
 
@@ -251,18 +257,9 @@ def test_kafka_healthcheck(kafka, kafka_env):
 # --------------------------------------------------------------------------------------------
 # docker-compose.yml: the worker
 # --------------------------------------------------------------------------------------------
-def test_worker_service_shape(worker):
-    assert worker["build"] in (".", {"context": "."}) or worker["build"].get("context") == "."
-    assert worker["command"] == ["worker"]
-    assert worker["restart"] == "unless-stopped"
-    assert worker["stop_grace_period"] == "30s"
-    assert int(worker["deploy"]["replicas"]) >= 1
+def test_worker_service_can_scale(worker):
     assert "container_name" not in worker, "a fixed container name prevents scaling"
     assert "ports" not in worker, "a published port prevents scaling"
-
-
-def test_worker_waits_for_healthy_kafka(worker):
-    assert worker["depends_on"]["kafka"]["condition"] == "service_healthy"
 
 
 def test_worker_env_vars_are_real_settings(worker_env):
@@ -312,13 +309,6 @@ def test_worker_broker_is_kafka_internal_listener(compose, kafka_env, worker_env
     assert servers and set(servers) <= internal, f"{servers} not among kafka's internal listeners {internal}"
     inter = kafka_env["KAFKA_INTER_BROKER_LISTENER_NAME"]
     assert "{}:{}".format(*advertised[inter]) in servers
-
-
-def test_worker_healthcheck(worker):
-    hc = worker["healthcheck"]
-    for key in ("interval", "timeout", "retries", "start_period"):
-        assert key in hc, key
-    compile(compose_healthcheck_script(worker), "<compose healthcheck>", "exec")
 
 
 def test_compose_file_is_interpolation_safe():
@@ -406,48 +396,35 @@ def test_dockerfile_copies_existing_paths():
             assert (ROOT / src).exists(), f"COPY {src}: no such path"
 
 
-def test_healthcheck_scripts_agree(worker):
-    """Dockerfile HEALTHCHECK and the compose worker healthcheck run the same program."""
-    a = ast.dump(ast.parse(dockerfile_healthcheck_script()))
-    b = ast.dump(ast.parse(compose_healthcheck_script(worker)))
-    assert a == b
+def probe_exit_code(command: list[str], env: dict[str, str]) -> int:
+    """Run a health check command as Docker would, this checkout's `emostream` standing in for the image's."""
+    assert command[0] == "emostream", command
+    argv = [sys.executable, "-m", "emostream.worker.cli", *command[1:]]
+    return subprocess.run(argv, env=env, capture_output=True, timeout=60).returncode
 
 
-def test_healthcheck_recognises_worker_processes():
-    """Its matcher: `emostream worker` (direct, via docker-init, via -m) yes; others, itself, zombies no."""
-    script = dockerfile_healthcheck_script()
-    tree = ast.parse(script)
-    defs = ast.Module(body=[n for n in tree.body if isinstance(n, (ast.Import, ast.FunctionDef))], type_ignores=[])
-    ns: dict = {}
-    exec(compile(defs, "<healthcheck>", "exec"), ns)
-    is_worker = ns["is_worker"]
+def test_docker_and_compose_health_checks_follow_the_event_loop_heartbeat(worker, worker_env):
+    """Both probes ask the worker's /healthz: healthy while its loop beats, unhealthy when it stalls or is gone."""
+    from emostream.worker.metrics import Metrics
+    from emostream.worker.ops_server import Heartbeat, OpsServer
 
-    def argv(*parts: str) -> list[bytes]:
-        return ("\0".join(parts) + "\0").encode().split(b"\0")
-
-    assert is_worker(argv("/opt/venv/bin/python", "/opt/venv/bin/emostream", "worker"))
-    assert is_worker(argv("/sbin/docker-init", "--", "emostream", "worker"))
-    assert is_worker(argv("/usr/local/bin/python", "-m", "emostream.worker.cli", "worker"))
-    assert not is_worker(argv("/opt/venv/bin/python", "/opt/venv/bin/emostream", "classify", "worker-ish"))
-    assert not is_worker(argv("python", "-c", script))
-    assert not is_worker([])  # a zombie has an empty cmdline
-
-
-@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux /proc")
-def test_healthcheck_finds_a_running_worker(tmp_path):
-    fake = tmp_path / "emostream"
-    fake.write_text("import time\ntime.sleep(60)\n")
-    proc = subprocess.Popen([sys.executable, str(fake), "worker"])
-    try:
-        deadline = time.monotonic() + 10
-        while b"worker" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0"):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        rc = subprocess.run([sys.executable, "-c", dockerfile_healthcheck_script()], timeout=30).returncode
-        assert rc == 0
-    finally:
-        proc.kill()
-        proc.wait()
+    options, docker_probe = dockerfile_healthcheck()
+    assert "--timeout=5s" in options
+    compose_probe = compose_healthcheck(worker)
+    now = [0.0]
+    heartbeat = Heartbeat(timeout_s=30, clock=lambda: now[0])
+    with OpsServer(Metrics(), heartbeat, "127.0.0.1", 0) as server:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EMOSTREAM_")}
+        env.update({k: INTERPOLATION.sub(r"\g<default>", v) for k, v in worker_env.items()})  # as compose runs it
+        env["EMOSTREAM_METRICS_PORT"] = str(server.port)
+        heartbeat.beat()
+        for probe in (docker_probe, compose_probe):
+            assert probe_exit_code(probe, env) == 0, probe
+        now[0] += 31  # the loop has not beaten for longer than the liveness timeout
+        for probe in (docker_probe, compose_probe):
+            assert probe_exit_code(probe, env) == 1, probe
+    for probe in (docker_probe, compose_probe):  # no worker answering at all
+        assert probe_exit_code(probe, env) == 1, probe
 
 
 # --------------------------------------------------------------------------------------------
@@ -482,11 +459,19 @@ def test_dockerignore_excludes_local_state():
 def test_dockerignore_keeps_what_the_build_needs():
     patterns = dockerignore_patterns()
     needed = ["pyproject.toml", "README.md"]
-    for top in ("worker", "models", "schemas"):
+    for top in ("worker", "models", "schemas", "bench"):
         for path in (ROOT / top).rglob("*"):
             if path.is_file() and "__pycache__" not in path.parts and not path.name.endswith(".pyc"):
                 needed.append(path.relative_to(ROOT).as_posix())
-    needed += ["models/heads/go-emotions/head.onnx", "models/manifests/minilm-go-emotions.toml"]
+    from emostream.models.manifest import find_manifest
+    from emostream.worker.reload import model_files
+
+    # What the image's default model loads from this checkout (find_manifest checks the files exist).
+    default = [p.resolve() for p in model_files(find_manifest(Settings.model_fields["model"].default))]
+    in_checkout = [p.relative_to(ROOT).as_posix() for p in default
+                   if any(p.is_relative_to(ROOT / top) for top in ("worker", "models", "schemas"))]
+    assert any(p.endswith(".toml") for p in in_checkout) and any(p.endswith(".onnx") for p in in_checkout)
+    needed += in_checkout
     for path in needed:
         assert not ignored(path, patterns), f"{path} is needed by the image build but .dockerignore drops it"
 

@@ -217,6 +217,29 @@ def test_tune_thresholds_matches_brute_force():
     assert lh.tune_thresholds(pp, yy)[0] == pytest.approx(0.21)
 
 
+def test_transferable_thresholds_shrink_rare_labels_towards_the_shared_one():
+    rng = np.random.default_rng(5)
+    n = 3000
+    y = rng.random((n, 3)) < np.array([0.3, 0.003, 0.0])  # common, rare (~9 positives), none
+    probs = np.clip(0.4 * y + rng.normal(0.25, 0.12, (n, 3)), 0, 1)
+    shared = lh.shared_threshold(probs, y)
+    tuned = lh.tune_thresholds(probs, y)
+    thr = lh.transferable_thresholds(probs, y, bags=10, shrink=10.0)
+    assert abs(thr[0] - tuned[0]) < 0.03  # hundreds of positives: about its own best threshold
+    assert abs(thr[1] - shared) < abs(tuned[1] - shared) or tuned[1] == shared  # rare: pulled towards the shared one
+    assert thr[2] == shared  # no positives: the shared threshold
+    assert np.array_equal(thr, lh.transferable_thresholds(probs, y, bags=10, shrink=10.0))  # seeded
+
+
+def test_crossfit_over_several_splits_is_the_mean_of_single_ones():
+    rng = np.random.default_rng(6)
+    y = rng.random((600, 4)) < 0.2
+    probs = np.clip(0.3 * y + rng.normal(0.3, 0.15, y.shape), 0, 1)
+    singles = [lh.crossfit_macro_f1(probs, y, seed=s) for s in range(5)]
+    assert lh.crossfit_macro_f1(probs, y, seed=0, splits=5) == pytest.approx(np.mean(singles))
+    assert lh.crossfit_macro_f1(probs, y) <= lh.f1_report(probs, y, lh.tune_thresholds(probs, y))["macro"]["f1"]
+
+
 def test_f1_report_matches_sklearn():
     metrics = pytest.importorskip("sklearn.metrics")
     rng = np.random.default_rng(4)

@@ -10,6 +10,7 @@ from jsonschema import Draft202012Validator
 from emostream.schemas.records import load_schema
 
 from conftest import Topics
+from group import wait_for_group
 
 pytestmark = pytest.mark.broker
 
@@ -71,7 +72,14 @@ def test_batches_close_by_count_and_by_window(broker, start_worker):
     assert len(t.outputs(3)) == 3  # released by the window: 3 < batch_max
     t.produce([orjson.dumps({"text": f"more {i}"}) for i in range(40)])
     assert len(t.outputs(43)) == 43
-    sizes = [int(x) for x in re.findall(r"batch of (\d+):", w.output())]
+
+    def logged_sizes() -> list[int]:  # a batch is logged just after its records were acknowledged
+        return [int(x) for x in re.findall(r"batch of (\d+):", w.output())]
+
+    deadline = time.monotonic() + 30
+    while sum(logged_sizes()) < 43 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    sizes = logged_sizes()
     assert sizes and max(sizes) <= 4
     assert sum(sizes) == 43
     assert sizes.count(4) >= 5  # the 40 arrived together: mostly full batches
@@ -90,8 +98,7 @@ def test_text_input_format(broker, start_worker):
 def test_two_workers_share_partitions(broker, start_worker):
     t = Topics(broker, partitions=4)
     w1, w2 = start_worker(t, log_level="debug"), start_worker(t, log_level="debug")
-    assert w1.wait_for_log("Worker ready", 60) and w2.wait_for_log("Worker ready", 60)
-    time.sleep(3)  # let the group settle on both members
+    wait_for_group([w1, w2], members=2, partitions=4)
     n = 400
     t.produce([orjson.dumps({"id": str(i), "text": f"shared work item {i}"}) for i in range(n)],
               keys=[str(i).encode() for i in range(n)])

@@ -1,8 +1,11 @@
-"""Metrics (from a pipeline BatchResult) and the health server's endpoints."""
+"""Metrics (from a pipeline BatchResult) and the operations server's endpoints, liveness included."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -11,8 +14,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from emostream.worker.decode import RawMessage
-from emostream.worker.health import HealthServer
 from emostream.worker.metrics import Metrics
+from emostream.worker.ops_server import Heartbeat, OpsServer
 from emostream.worker.pipeline import BatchResult, Outgoing
 
 MODEL_INFO = {"name": "minilm-go-emotions", "version": "1",
@@ -62,30 +65,45 @@ def test_all_invalid_batch_skips_model_metrics_and_clamps_skew():
     assert m.value("emostream_end_to_end_latency_seconds_count") == 1
 
 
-def test_cache_alerts_publish_failures_and_optional_cache_fields():
+def test_cache_counts_come_from_each_batch_and_alerts_and_failures_add_up():
     m = Metrics()
     r = fake_result()
-    r.cache_hits, r.cache_misses = 2, 1  # type: ignore[attr-defined] - a future pipeline may add these
+    r.cache_hits, r.cache_misses = 2, 1
     m.observe_batch(r, published_at=101.0)
-    m.observe_cache(hits=1)
+    r.cache_hits, r.cache_misses = 3, 0
+    m.observe_batch(r, published_at=101.0)
     m.observe_alerts(["angry", "gross"])
     m.observe_alerts(["angry"])
     m.publish_failed()
-    assert m.value("emostream_cache_hits_total") == 3
+    assert m.value("emostream_cache_hits_total") == 5
     assert m.value("emostream_cache_misses_total") == 1
     assert m.value("emostream_alerts_total", {"rule": "angry"}) == 2
     assert m.value("emostream_publish_failures_total") == 1
 
 
-def test_sync_cache_turns_running_totals_into_increments():
+def test_cache_counts_of_a_real_pipeline_batch(tmp_path):
+    """The Enricher's result carries the batch's own hits and misses (a repeat in the batch is a hit)."""
+    import orjson
+
+    from emostream.models.model import EmotionModel
+    from emostream.worker.pipeline import Enricher
+    from emostream.worker.settings import Settings
+    from tiny_model import write_manifest
+
+    enricher = Enricher(EmotionModel.load(str(write_manifest(tmp_path))), Settings.from_env(environ={}), cache_size=10)
+
+    def batch(*texts):
+        return [RawMessage(orjson.dumps({"text": t}), None, "texts", 0, i, 100.0) for i, t in enumerate(texts)]
+
+    first = enricher(batch("a", "b", "a"))
+    second = enricher(batch("b", "c"))
+    assert (first.cache_hits, first.cache_misses) == (1, 2)
+    assert (second.cache_hits, second.cache_misses) == (1, 1)
     m = Metrics()
-    m.sync_cache({"enabled": False, "hits": 0, "misses": 0})
-    m.sync_cache({"hits": 3, "misses": 5})
-    m.sync_cache({"hits": 4, "misses": 9})
-    m.sync_cache({"hits": 4, "misses": 9})
-    assert (m.value("emostream_cache_hits_total"), m.value("emostream_cache_misses_total")) == (4, 9)
-    m.sync_cache({"hits": 1, "misses": 2})  # a fresh cache after a model reload
-    assert (m.value("emostream_cache_hits_total"), m.value("emostream_cache_misses_total")) == (5, 11)
+    for r in (first, second):
+        m.observe_batch(r, published_at=101.0)
+    assert (m.value("emostream_cache_hits_total"), m.value("emostream_cache_misses_total")) == (2, 3)
+    assert Enricher(enricher.model.model, Settings.from_env(environ={}))(batch("a", "a")).cache_hits == 0  # cache off
 
 
 def test_model_info_is_replaced_on_reload():
@@ -119,10 +137,23 @@ def get(url: str, accept: str | None = None) -> tuple[int, str, str]:
         return exc.code, exc.headers.get("Content-Type", ""), exc.read().decode()
 
 
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @pytest.fixture
-def server():
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def server(clock):
     m = Metrics()
-    with HealthServer(m, "127.0.0.1", 0) as s:
+    with OpsServer(m, Heartbeat(30.0, clock=clock), "127.0.0.1", 0) as s:
         yield s
 
 
@@ -142,10 +173,59 @@ def test_metrics_endpoint_serves_the_registry(server):
     assert code == 200 and ctype.startswith("application/openmetrics-text") and body.endswith("# EOF\n")
 
 
-def test_healthz_and_unknown_path(server):
+def test_healthz_follows_the_heartbeat(server, clock):
     code, _, body = get(server.url + "/healthz")
-    assert code == 200 and json.loads(body) == {"status": "ok"}
+    assert code == 200 and json.loads(body) == {"status": "starting"}  # no beat yet: loading, connecting
+    server.heartbeat.beat()
+    clock.now += 29.5
+    code, _, body = get(server.url + "/healthz")
+    assert code == 200 and json.loads(body) == {"status": "ok", "last_beat_s": 29.5}
+    clock.now += 1.0
+    code, _, body = get(server.url + "/healthz")
+    assert code == 503 and json.loads(body) == {"status": "stalled", "last_beat_s": 30.5, "timeout_s": 30.0}
+    server.heartbeat.beat()
+    assert get(server.url + "/healthz")[0] == 200
     assert get(server.url + "/nope")[0] == 404
+
+
+def wait_for_health(url: str, status: str, timeout: float = 10.0) -> tuple[int, str]:
+    """Poll /healthz until its status is ``status`` (or the deadline passes): (HTTP code, status) last seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        code, _, body = get(url)
+        seen = json.loads(body)["status"]
+        if seen == status or time.monotonic() > deadline:
+            return code, seen
+        time.sleep(0.02)
+
+
+def test_healthz_fails_while_the_event_loop_is_blocked_and_recovers():
+    """The server thread keeps answering; what it answers is whether the loop still runs."""
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+    heartbeat = Heartbeat(timeout_s=0.3)
+    unblock = threading.Event()
+
+    async def blocking_call():  # a coroutine that blocks the loop, as a stuck synchronous call would
+        unblock.wait(30)
+
+    with OpsServer(Metrics(), heartbeat, "127.0.0.1", 0) as server:
+        beating = asyncio.run_coroutine_threadsafe(heartbeat.run(), loop)
+        try:
+            url = server.url + "/healthz"
+            assert wait_for_health(url, "ok") == (200, "ok")
+            blocked = asyncio.run_coroutine_threadsafe(blocking_call(), loop)
+            assert wait_for_health(url, "stalled") == (503, "stalled")
+            unblock.set()
+            blocked.result(10)
+            assert wait_for_health(url, "ok") == (200, "ok")
+        finally:
+            unblock.set()
+            beating.cancel()
+            loop.call_soon_threadsafe(loop.stop)
+            runner.join(10)
+            loop.close()
 
 
 def test_readyz_flips_when_model_loaded_and_partitions_assigned(server):
@@ -168,7 +248,7 @@ def test_readyz_flips_when_model_loaded_and_partitions_assigned(server):
 
 
 def test_stop_releases_the_port_and_is_idempotent():
-    s = HealthServer(Metrics(), "127.0.0.1", 0).start()
+    s = OpsServer(Metrics(), Heartbeat(30.0), "127.0.0.1", 0).start()
     url = s.url
     assert get(url + "/healthz")[0] == 200
     s.stop()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -58,6 +60,10 @@ def test_metrics_and_readiness(broker, start_worker):
     assert wait_status(base + "/readyz", 200, 60), http_get(base + "/readyz")
     ready = json.loads(http_get(base + "/readyz")[1])
     assert ready["model_loaded"] and ready["partitions"] == 2
+    assert json.loads(http_get(base + "/healthz")[1])["status"] == "ok"  # the event loop beats
+    probe = subprocess.run([sys.executable, "-m", "emostream.worker.cli", "healthcheck"], capture_output=True,
+                           env=t.env(), timeout=60)  # what the container's HEALTHCHECK runs
+    assert probe.returncode == 0, probe.stderr
     values = [orjson.dumps({"text": f"metrics text {i}"}) for i in range(20)] + [b"not json", b'{"text": ""}']
     t.produce(values)
     t.outputs(20)
@@ -144,8 +150,8 @@ def test_broken_reload_keeps_the_running_model(broker, start_worker, tmp_path):
     t.produce([orjson.dumps({"text": "before"})])
     t.outputs(1)
     (tmp_path / "heads" / "head.onnx").write_bytes(b"not an onnx file")
-    assert w.wait_for_log("reload", 30)
-    assert w.wait_for_log("failed, keeping", 30), w.output()[-3000:]
+    assert w.wait_for_log("model reload requested (model files changed)", 30), w.output()[-3000:]
+    assert w.wait_for_log("model reload (model files changed) failed, keeping", 30), w.output()[-3000:]
     t.produce([orjson.dumps({"text": "after"})])
     assert len(t.outputs(2)) == 2 and w.proc.poll() is None
 

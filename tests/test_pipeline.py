@@ -1,6 +1,7 @@
 """The pipeline without Kafka: one output per valid record, dead letters for the rest, failures isolated."""
 
 import base64
+import threading
 import time
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from emostream.models.model import EmotionModel
+from emostream.worker.alerts import parse_rule
 from emostream.worker.decode import RawMessage
 from emostream.worker.pipeline import Enricher
 from emostream.worker.settings import Settings
@@ -149,10 +151,31 @@ def test_swap_model_changes_versions_from_the_next_batch(tiny, tmp_path):
     assert first["emotions"] != second["emotions"]  # not served from the old model's cache
 
 
+class WatchedCondition(threading.Condition):
+    """A Condition that tells how many threads are waiting on it (to wait for that, not for time)."""
+
+    def __init__(self):
+        super().__init__()
+        self.waiting = 0
+
+    def wait(self, timeout=None):
+        self.waiting += 1  # called with the lock held
+        try:
+            return super().wait(timeout)
+        finally:
+            self.waiting -= 1
+
+
+def wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
 def test_swap_waits_for_batches_being_enriched_and_holds_new_ones_back(tiny, tmp_path):
     """Two batches may be enriched at once; a model swap never lands inside one."""
-    import threading
-
+    entered = threading.Event()
     release = threading.Event()
 
     class Blocking:  # the tiny model, whose predict waits until released
@@ -163,22 +186,24 @@ def test_swap_waits_for_batches_being_enriched_and_holds_new_ones_back(tiny, tmp
             return getattr(self.model, name)
 
         def predict(self, *args, **kwargs):
+            entered.set()
             release.wait(10)
             return self.model.predict(*args, **kwargs)
 
     other = EmotionModel.load(str(write_manifest(tmp_path, seed=5)))
     enricher = Enricher(Blocking(tiny), Settings.from_env(environ={}))
+    gate = enricher._gate = WatchedCondition()  # the Enricher's swap gate, made observable
     results: dict = {}
     first = threading.Thread(target=lambda: results.setdefault("first", enricher(raw([orjson.dumps({"text": "a"})]))))
     first.start()
+    assert entered.wait(10)  # the first batch is inside the model
     swap = threading.Thread(target=enricher.swap_model, args=(other,))
-    time.sleep(0.1)
     swap.start()
-    time.sleep(0.1)
+    wait_until(lambda: gate.waiting == 1)  # the swap waits for the first batch
     later = threading.Thread(target=lambda: results.setdefault("later", enricher(raw([orjson.dumps({"text": "a"})]))))
     later.start()
-    time.sleep(0.1)
-    assert swap.is_alive() and "first" not in results and "later" not in results  # both wait for the first batch
+    wait_until(lambda: gate.waiting == 2)  # the later batch waits for the swap
+    assert swap.is_alive() and "first" not in results and "later" not in results
     release.set()
     for t in (first, swap, later):
         t.join(10)
@@ -220,3 +245,64 @@ def test_any_input_gives_exactly_one_result_per_record(tiny, values):
     assert sorted(keys) == sorted(str(i).encode() for i in range(len(values)))
     for d in res.dead_letters:
         assert orjson.loads(d.value)["error"]["code"]
+
+
+def test_inference_time_counts_the_model_calls_only(tiny, monkeypatch):
+    """On a fake clock the model takes 0.25 s a call and each record's alert rules 1 s: only the model counts."""
+    import emostream.worker.pipeline as pipeline
+
+    clock = {"now": 0.0}
+    real_evaluate = pipeline.evaluate
+
+    def slow_evaluate(rules, emotions):
+        clock["now"] += 1.0
+        return real_evaluate(rules, emotions)
+
+    class Slow:
+        info, heads = tiny.info, tiny.heads
+
+        def predict(self, texts, max_tokens=4096):
+            clock["now"] += 0.25
+            return tiny.predict(texts, max_tokens=max_tokens)
+
+    monkeypatch.setattr(pipeline.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(pipeline, "evaluate", slow_evaluate)
+    rules = [parse_rule("any", "calm >= 0")]
+    res = Enricher(Slow(), Settings.from_env(environ={}), rules=rules)(
+        raw([orjson.dumps({"text": t}) for t in ("one", "two", "three")]))
+    assert len(res.outputs) == 3 and len(res.alerts) == 3
+    assert res.inference_s == 0.25
+
+
+def test_each_record_is_encoded_once_and_alerts_carry_the_output(tiny, monkeypatch):
+    import emostream.worker.pipeline as pipeline
+
+    calls = []
+
+    class CountingOrjson:
+        OPT_SERIALIZE_NUMPY = orjson.OPT_SERIALIZE_NUMPY
+        JSONEncodeError = orjson.JSONEncodeError
+
+        @staticmethod
+        def dumps(obj, **kw):
+            calls.append(obj)
+            return orjson.dumps(obj, **kw)
+
+    monkeypatch.setattr(pipeline, "orjson", CountingOrjson)
+    rules = [parse_rule("calm", "calm >= 0"), parse_rule("never", "calm > 1")]
+    enricher = Enricher(tiny, Settings.from_env(environ={}), clock=lambda: 1_700_000_000.0, rules=rules)
+    res = enricher(raw([orjson.dumps({"id": "a", "text": "fine"}), orjson.dumps({"id": "b", "text": "also fine"})]))
+    assert len(calls) == 2  # one encoding per enriched record, none more for its alert
+    for out, alert in zip(res.outputs, res.alerts):
+        record = orjson.loads(out.value)
+        assert orjson.loads(alert.value) == {**record, "alert": {"rules": ["calm"],
+                                                                 "at": "2023-11-14T22:13:20.000+00:00"}}
+    assert dict(res.alerts_fired) == {"calm": 2}
+
+
+def test_a_passthrough_alert_field_is_replaced_in_the_alert_record(tiny):
+    enricher = Enricher(tiny, Settings.from_env(environ={}), clock=lambda: 0.0, rules=[parse_rule("calm", "calm >= 0")])
+    res = enricher(raw([orjson.dumps({"text": "fine", "alert": "from the producer"})]))
+    assert orjson.loads(res.outputs[0].value)["alert"] == "from the producer"
+    alert = orjson.loads(res.alerts[0].value)
+    assert alert["alert"] == {"rules": ["calm"], "at": "1970-01-01T00:00:00.000+00:00"}

@@ -12,10 +12,11 @@ import psutil
 import pytest
 
 from emostream.worker.broker import free_port
-from emostream.worker.processes import Child, child_env, exit_code, plan
-from emostream.worker.settings import Settings
+from emostream.worker.processes import Child, exit_code, plan
+from emostream.worker.settings import Settings, child_env
 
 from conftest import Topics
+from group import wait_for_group
 
 
 def settings(**kw) -> Settings:
@@ -46,14 +47,14 @@ def test_more_processes_than_cores_run_unpinned_and_single_threaded():
 def test_metrics_off_stays_off_in_every_child():
     children = plan(settings(processes=2, metrics_port=0), [0, 1])
     assert all("metrics_port" not in c.overrides for c in children)
-    env = child_env(settings(processes=2, metrics_port=0), children[1], environ={})
+    env = child_env(settings(processes=2, metrics_port=0), environ={}, **children[1].overrides)
     assert Settings.from_env(env).metrics_port == 0
 
 
 def test_a_child_gets_the_parents_settings_with_its_own_overrides():
     parent = settings(processes=2, batch_max=17, input_topic="posts", metrics_port=9200)
-    env = child_env(parent, Child(1, (1,), {"processes": "1", "metrics_port": "9201"}),
-                    environ={"PATH": "/bin", "EMOSTREAM_BATCH_MAX": "99"})
+    child = Child(1, (1,), {"processes": "1", "metrics_port": "9201"})
+    env = child_env(parent, environ={"PATH": "/bin", "EMOSTREAM_BATCH_MAX": "99"}, **child.overrides)
     assert env["PATH"] == "/bin"  # the rest of the environment passes through
     got = Settings.from_env(env)
     assert got == parent.model_copy(update={"processes": 1, "metrics_port": 9201})
@@ -91,18 +92,11 @@ def _children(parent_pid: int, n: int, timeout: float = 30.0) -> list[psutil.Pro
     raise AssertionError(f"expected {n} worker processes")
 
 
-def _wait_ready(w, n: int, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while w.output().count("Worker ready") < n:
-        assert time.monotonic() < deadline and w.proc.poll() is None, w.output()[-3000:]
-        time.sleep(0.2)
-
-
 def _start_two(t: Topics, start_worker, **extra):
-    """``emostream worker --processes 2`` until both children joined the group: (command, children)."""
+    """``emostream worker --processes 2`` until both children own partitions: (command, children)."""
     w = start_worker(t, processes=2, **extra)
     kids = _children(w.proc.pid, 2)
-    _wait_ready(w, 2)
+    wait_for_group([w], members=2, partitions=t.settings.partitions)
     return w, kids
 
 
@@ -114,7 +108,6 @@ def test_two_processes_share_the_partitions_and_stop_together(broker, start_work
     if len(psutil.Process().cpu_affinity()) >= 2:
         masks = [set(k.cpu_affinity()) for k in kids]
         assert all(masks) and not masks[0] & masks[1], masks
-    time.sleep(3)  # let the group settle on both members
     n = 400
     t.produce([orjson.dumps({"id": str(i), "text": f"work item {i}"}) for i in range(n)],
               keys=[str(i).encode() for i in range(n)])

@@ -1,4 +1,4 @@
-"""One configuration surface: defaults, env, flags, and the README table kept in sync."""
+"""One configuration surface: defaults, env, flags, and the table of docs/settings.md kept in sync."""
 
 import re
 from pathlib import Path
@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from emostream.worker.cli import cli
 from emostream.worker.settings import Settings, env_name, flag_name, settings_markdown
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+SETTINGS_DOC = Path(__file__).resolve().parents[1] / "docs" / "settings.md"
 
 
 def test_contract_defaults():
@@ -46,11 +46,25 @@ def test_every_setting_is_a_worker_flag():
         assert flag_name(name) in out, name
 
 
-def test_readme_table_in_sync():
-    text = README.read_text()
-    assert settings_markdown() in text, "README settings table is stale: run `emostream settings --markdown`"
+def test_docs_table_in_sync():
+    text = SETTINGS_DOC.read_text()
+    assert settings_markdown() in text, \
+        "docs/settings.md is stale: run `emostream settings --update-docs docs/settings.md`"
     for name in Settings.model_fields:
         assert env_name(name) in text
+
+
+def test_update_docs_rewrites_only_the_table(tmp_path):
+    doc = tmp_path / "settings.md"
+    doc.write_text("# Settings\n\nintro\n\n<!-- settings:begin -->\n| old |\n<!-- settings:end -->\n\nafter\n")
+    runner = CliRunner()
+    first = runner.invoke(cli, ["settings", "--update-docs", str(doc)])
+    assert first.exit_code == 0 and "updated" in first.output
+    text = doc.read_text()
+    assert text.startswith("# Settings\n\nintro\n\n<!-- settings:begin -->\n" + settings_markdown())
+    assert text.endswith("<!-- settings:end -->\n\nafter\n") and "| old |" not in text
+    again = runner.invoke(cli, ["settings", "--update-docs", str(doc)])
+    assert again.exit_code == 0 and "already up to date" in again.output and doc.read_text() == text
 
 
 def test_settings_command_prints_json(monkeypatch):

@@ -1,8 +1,8 @@
 """Fine-tuning tooling (emostream.models.training).
 
 The pure parts (label mappings, the sentiment rule, the bucketed batch sampler) need no torch
-and always run. The rest needs torch (the ``train`` extra, which CI's ``.[dev]`` does not
-install): those tests are skipped there by ``pytest.importorskip("torch")``.
+and always run. The rest needs torch (the ``train`` extra, which ``.ci/run`` installs): where it
+is not installed, those tests skip (``pytest.importorskip("torch")``).
 """
 
 import json
@@ -137,7 +137,13 @@ def test_train_resume_and_export_heads(tmp_path):
         np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
 
 
-def test_export_backbone_onnx_matches_torch(tmp_path):
+def _calibration(n: int = 40) -> list[str]:
+    from emostream.models.linear_head import read_goemotions
+
+    return read_goemotions(FIXTURES / "dev.tsv")[0][:n]
+
+
+def test_export_backbone_onnx_matches_torch_and_int8_ignores_the_batch(tmp_path):
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnx")
     import onnxruntime as ort
@@ -146,16 +152,53 @@ def test_export_backbone_onnx_matches_torch(tmp_path):
     from emostream.models.training.finetune import build
 
     model = build("cpu").eval()
-    t = export_backbone(model, tmp_path / "fp32.onnx", tmp_path / "int8.onnx")
-    assert t["int8_mb"] < t["fp32_mb"] / 2
+    t = export_backbone(model, tmp_path / "fp32.onnx", tmp_path / "int8.onnx", _calibration())
+    assert t["int8"]["int8_mb"] < t["fp32_mb"] / 2
     ids = np.array([[101, 2023, 2003, 2307, 999, 102], [101, 2307, 102, 0, 0, 0]], dtype=np.int64)
     mask = (ids != 0).astype(np.int64)
     with torch.no_grad():
         ref = model.backbone(torch.tensor(ids), torch.tensor(mask)).numpy()
-    sess = ort.InferenceSession(str(tmp_path / "fp32.onnx"), providers=["CPUExecutionProvider"])
-    out = sess.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})[0]
+
+    def run(path, ids):
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return sess.run(None, {"input_ids": ids, "attention_mask": (ids != 0).astype(np.int64),
+                               "token_type_ids": np.zeros_like(ids)})[0]
+
+    out = run(tmp_path / "fp32.onnx", ids)
     assert out.shape == (2, 6, 384)
     np.testing.assert_allclose(out[mask.astype(bool)], ref[mask.astype(bool)], atol=1e-3)
+    q = run(tmp_path / "int8.onnx", ids)
+    cos = (q * ref).sum(-1) / np.linalg.norm(q, axis=-1) / np.linalg.norm(ref, axis=-1)
+    assert cos[mask.astype(bool)].min() > 0.99
+    # each row alone (no padding, no neighbour) gives the batch's result to the bit
+    np.testing.assert_array_equal(run(tmp_path / "int8.onnx", ids[:1])[0], q[0])
+    np.testing.assert_array_equal(run(tmp_path / "int8.onnx", ids[1:, :3])[0], q[1, :3])
+
+
+def test_export_from_an_fp32_onnx_requantises_and_retunes(tmp_path, capsys):
+    """``export --fp32-onnx``: heads already in --heads-dir, their training record kept; new INT8
+    backbone, thresholds tuned over it, metrics for both backbones and the batch invariance."""
+    pytest.importorskip("torch")
+    from emostream.models.training.export import export_fp32, export_heads, main
+    from emostream.models.training.finetune import build
+
+    model = build("cpu").eval()
+    export_fp32(model, tmp_path / "fp32.onnx")
+    heads = tmp_path / "heads"
+    export_heads(model, GO, heads, "t")
+    (heads / "ft_go_emotions" / "metrics.json").write_text(json.dumps({"training": {"epochs": 4}}))
+    assert main(["--fp32-onnx", str(tmp_path / "fp32.onnx"), "--backbone-out", str(tmp_path / "int8.onnx"),
+                 "--heads-dir", str(heads), "--work", str(tmp_path / "work"), "--data-dir", str(FIXTURES),
+                 "--limit-dev", "40", "--version", "t2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["batch_invariance_max_abs_diff"] <= 1e-6 and set(out["dev"]) == {"fp32", "int8"}
+    assert (tmp_path / "int8.onnx").stat().st_size < (tmp_path / "fp32.onnx").stat().st_size / 2
+    metrics = json.loads((heads / "ft_go_emotions" / "metrics.json").read_text())
+    assert metrics["version"] == "t2" and metrics["training"] == {"epochs": 4}
+    assert len(json.loads((heads / "ft_go_emotions" / "thresholds.json").read_text())) == 28
+    with pytest.raises(SystemExit):  # a missing file is one clear line, not a traceback
+        main(["--fp32-onnx", str(tmp_path / "nope.onnx"), "--backbone-out", "x", "--heads-dir", "h", "--work", "w"])
+    assert "no such file" in capsys.readouterr().err
 
 
 def test_fused_classifier_matches_backbone_plus_heads(tmp_path):
@@ -172,9 +215,9 @@ def test_fused_classifier_matches_backbone_plus_heads(tmp_path):
     from tiny_model import tokenizer_path
 
     model = build("cpu").eval()
-    export_backbone(model, tmp_path / "bb-fp32.onnx", tmp_path / "bb-int8.onnx")
+    export_backbone(model, tmp_path / "bb-fp32.onnx", tmp_path / "bb-int8.onnx", _calibration())
     specs = export_heads(model, GO, tmp_path / "heads", "t")
-    info = export_fused(model, tmp_path / "fused-fp32.onnx", tmp_path / "fused-int8.onnx")
+    info = export_fused(model, tmp_path / "fused-fp32.onnx", tmp_path / "fused-int8.onnx", _calibration())
     assert len(info["fused_fp32_heads"]) == 3  # the head MatMuls were kept out of quantisation
     texts = ["I am so happy for you!", "This is awful and I hate it", "ok", "why would anyone do that?? " * 6]
     for tag in ("fp32", "int8"):
@@ -206,3 +249,83 @@ def test_pos_weights_lift_rare_labels_and_are_off_by_default():
     plain, _ = loss_fn(out, target)
     weighted, _ = loss_fn(out, target, {"go_emotions": torch.as_tensor(w)})
     assert float(weighted) > float(plain)  # a missed rare positive costs more
+
+
+def _tiny_mpnet(path: Path, torch) -> Path:
+    """A randomly initialised MPNet folder in Hugging Face's layout (names as all-mpnet-base-v2's)."""
+    from safetensors.torch import save_file
+
+    h, inter, layers, heads, vocab = 32, 64, 2, 4, 50
+    cfg = {"model_type": "mpnet", "hidden_size": h, "intermediate_size": inter, "num_hidden_layers": layers,
+           "num_attention_heads": heads, "vocab_size": vocab, "max_position_embeddings": 66, "pad_token_id": 1,
+           "layer_norm_eps": 1e-5, "relative_attention_num_buckets": 32}
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.1  # noqa: E731
+    sd = {"embeddings.word_embeddings.weight": r(vocab, h), "embeddings.position_embeddings.weight": r(66, h),
+          "embeddings.LayerNorm.weight": torch.ones(h), "embeddings.LayerNorm.bias": torch.zeros(h),
+          "encoder.relative_attention_bias.weight": r(32, heads)}
+    for i in range(layers):
+        p = f"encoder.layer.{i}."
+        for n in "qkvo":
+            sd[p + f"attention.attn.{n}.weight"], sd[p + f"attention.attn.{n}.bias"] = r(h, h), r(h)
+        sd[p + "attention.LayerNorm.weight"], sd[p + "attention.LayerNorm.bias"] = torch.ones(h), torch.zeros(h)
+        sd[p + "intermediate.dense.weight"], sd[p + "intermediate.dense.bias"] = r(inter, h), r(inter)
+        sd[p + "output.dense.weight"], sd[p + "output.dense.bias"] = r(h, inter), r(h)
+        sd[p + "output.LayerNorm.weight"], sd[p + "output.LayerNorm.bias"] = torch.ones(h), torch.zeros(h)
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(cfg))
+    save_file(sd, str(path / "model.safetensors"))
+    return path
+
+
+def test_mpnet_backbone_loads_and_padding_never_moves_a_text(tmp_path):
+    torch = pytest.importorskip("torch")
+    from emostream.models.training.bert import Bert
+
+    model = Bert.from_pretrained(_tiny_mpnet(tmp_path / "mpnet", torch)).eval()
+    assert model.mpnet and model.token_type is None
+    ids = torch.tensor([[0, 7, 8, 9, 2, 1, 1], [0, 11, 2, 1, 1, 1, 1]])
+    mask = (ids != 1).long()
+    with torch.no_grad():
+        batch = model(ids, mask)
+        alone = model(ids[1:, :3], mask[1:, :3])
+        other_pad = model(torch.where(mask.bool(), ids, torch.zeros_like(ids)), mask)  # pad id 0 instead of 1
+    torch.testing.assert_close(batch[1, :3], alone[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(batch[mask.bool()], other_pad[mask.bool()], atol=1e-6, rtol=0)
+
+
+def test_relative_position_buckets_are_mpnets():
+    torch = pytest.importorskip("torch")
+    from emostream.models.training.bert import relative_position_bucket
+
+    # key − query distances → buckets, as Hugging Face's MPNet computes them (checked against
+    # transformers 5.24 on all-mpnet-base-v2, where the outputs matched exactly).
+    rel = torch.tensor([0, 1, -1, 7, -7, 8, -8, 20, -20, 127, 200, -200])
+    assert relative_position_bucket(rel).tolist() == [0, 17, 1, 23, 7, 24, 8, 26, 10, 31, 31, 15]
+
+
+def test_distillation_mixes_teacher_and_gold_and_checks_the_teacher_file(tmp_path):
+    pytest.importorskip("torch")
+    from emostream.models.training.finetune import Split, load_teacher, tokenizer, train, write_teacher
+
+    kw = dict(data_dir=FIXTURES, batch_size=16, limit_train=48, limit_dev=32, progress=False, threads=1)
+    train(tmp_path / "teacher", epochs=1, **kw)
+    res = write_teacher(tmp_path / "teacher" / "last.pt", tmp_path / "t.npz", FIXTURES, "train", device="cpu",
+                        threads=1)
+    rows = sum(1 for line in (FIXTURES / "train.tsv").read_text().splitlines() if line.strip())
+    assert res["rows"] == rows
+    teacher = load_teacher(tmp_path / "t.npz", FIXTURES / "train.tsv")
+    assert teacher["go_emotions"].shape == (rows, 28) and teacher["sentiment"].shape == (rows, 4)
+    np.testing.assert_allclose(teacher["sentiment"].sum(1), 1, atol=1e-5)
+    with pytest.raises(ValueError, match="different dev.tsv"):
+        load_teacher(tmp_path / "t.npz", FIXTURES / "dev.tsv")
+
+    labels, ek, se = load_label_sets(FIXTURES)
+    split = Split(FIXTURES / "train.tsv", tokenizer(64), labels, ek, se)
+    split.distill(teacher, 0.25)
+    _, _, target = split.batch([0, 1], "cpu")
+    np.testing.assert_allclose(target["go_emotions"].numpy(), 0.75 * split.go[[0, 1]] + 0.25 * teacher["go_emotions"][[0, 1]],
+                               atol=1e-6)
+    assert target["sentiment"].shape == (2, 4)  # a distribution now, not a class index
+    r = train(tmp_path / "student", epochs=1, teacher=tmp_path / "t.npz", distill_weight=0.5, **kw)
+    assert r["hparams"]["distill_weight"] == 0.5 and r["hparams"]["teacher"].endswith("t.npz")

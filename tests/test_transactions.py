@@ -4,7 +4,9 @@ The embedded broker has no transactions, so the publisher's protocol (one transa
 partition holding its records and its next offset; abort and retry without resending committed
 partitions; fencing when a partition moves) is checked against ``FakeCluster``, a small model of
 Kafka's transaction semantics: records and offsets become visible only at commit, and starting a
-producer with a transactional id fences the previous producer with that id.
+producer with a transactional id fences the previous producer with that id. The publisher is
+driven through the interface the app uses for both guarantees (``publish(messages, result)``,
+retries included; see test_publishing.py for the at-least-once side).
 """
 
 from __future__ import annotations
@@ -18,11 +20,15 @@ from aiokafka.errors import KafkaConnectionError, ProducerFenced
 from aiokafka.structs import TopicPartition
 
 from emostream.worker.decode import RawMessage
+from emostream.worker.metrics import Metrics
 from emostream.worker.pipeline import BatchResult, Outgoing
-from emostream.worker.transactions import (TransactionalPublisher, TransactionsUnsupported, probe,
+from emostream.worker.settings import Settings
+from emostream.worker.transactions import (ExactlyOncePublisher, TransactionsUnsupported, probe,
                                            producer_factory)
 
 GROUP = "g"
+SETTINGS = Settings.from_env(environ={}, group_id=GROUP, output_topic="out", dlq_topic="dlq", alerts_topic="alerts",
+                             delivery="exactly_once")
 
 
 class FakeCluster:
@@ -105,8 +111,25 @@ def batch_of(spec: dict[int, list[int]], topic: str = "in") -> tuple[list[RawMes
     return msgs, result
 
 
-def publisher(cluster: FakeCluster) -> TransactionalPublisher:
-    return TransactionalPublisher(cluster.producer, GROUP, "out", "dlq", "alerts")
+class Retries:
+    """The publisher's sleep between tries: counts them and lets the test act before the next one."""
+
+    def __init__(self, before_retry=None):
+        self.delays: list[float] = []
+        self.before_retry = before_retry
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+        if self.before_retry is not None:
+            self.before_retry()
+
+
+def no_exit(code: int, reason: str) -> None:
+    raise AssertionError(f"the publisher asked to exit ({code}): {reason}")
+
+
+def publisher(cluster: FakeCluster, sleep=None) -> ExactlyOncePublisher:
+    return ExactlyOncePublisher(cluster.producer, SETTINGS, Metrics(), exit_with=no_exit, sleep=sleep or Retries())
 
 
 def ids(values: list[bytes]) -> list[str]:
@@ -117,8 +140,8 @@ def test_one_transaction_per_partition_with_records_and_next_offset():
     cluster = FakeCluster()
     pub = publisher(cluster)
     msgs, result = batch_of({0: [0, 1, 2, 3], 3: [7, 8]})
-    assert asyncio.run(pub.publish(msgs, result)) == []
-    assert cluster.transactions == 2
+    asyncio.run(pub.publish(msgs, result))
+    assert cluster.transactions == 2 and cluster.aborts == 0
     assert cluster.offsets == {(GROUP, TopicPartition("in", 0)): 4, (GROUP, TopicPartition("in", 3)): 9}
     assert ids(cluster.visible["out"]) == ["in-0-0", "in-0-1", "in-0-3", "in-3-7"]
     assert ids(cluster.visible["dlq"]) == ["in-0-2", "in-3-8"]
@@ -128,25 +151,26 @@ def test_one_transaction_per_partition_with_records_and_next_offset():
 
 def test_failed_partition_is_aborted_and_retry_does_not_resend_committed_partitions():
     cluster = FakeCluster()
-    pub = publisher(cluster)
     msgs, result = batch_of({0: [0, 1], 1: [10, 11], 2: [20]})
     cluster.fail_sends_containing = b"in-1-11"
-    done: set = set()
+    seen_on_retry = []
 
-    async def attempt():
-        return await pub.publish(msgs, result, done)
+    def broker_back():  # the first try failed on partition 1: what is visible now, then heal
+        seen_on_retry.append((cluster.aborts, dict(cluster.offsets), list(cluster.visible.get("out", []))))
+        cluster.fail_sends_containing = None
 
-    with pytest.raises(KafkaConnectionError):
-        asyncio.run(attempt())
-    assert cluster.aborts == 1
-    assert done == {TopicPartition("in", 0)}
-    assert (GROUP, TopicPartition("in", 1)) not in cluster.offsets  # nothing of partition 1 is visible
-    assert not any(v for v in cluster.visible["out"] if b"in-1-" in v)
-
-    cluster.fail_sends_containing = None  # the broker is back: the caller retries with the same `done`
-    assert asyncio.run(attempt()) == []
+    retries = Retries(before_retry=broker_back)
+    pub = publisher(cluster, retries)
+    asyncio.run(pub.publish(msgs, result))
+    assert retries.delays == [0.5]  # one failed try, retried after the first backoff
+    assert pub.metrics.value("emostream_publish_failures_total") == 1
+    aborts, offsets, out = seen_on_retry[0]
+    assert aborts == 1
+    assert (GROUP, TopicPartition("in", 1)) not in offsets  # nothing of partition 1 was visible
+    assert not any(b"in-1-" in v for v in out)
     every = cluster.visible["out"] + cluster.visible["dlq"]
     assert ids(every) == ["in-0-0", "in-0-1", "in-1-10", "in-1-11", "in-2-20"]  # each exactly once
+    assert cluster.transactions == 3  # partition 0 was not committed a second time by the retry
     assert cluster.offsets[(GROUP, TopicPartition("in", 1))] == 12
     assert cluster.offsets[(GROUP, TopicPartition("in", 2))] == 21
 
@@ -162,14 +186,17 @@ def test_fenced_partition_is_left_to_its_new_owner():
     asyncio.run(new.publish(moved, r2))
 
     late, r3 = batch_of({0: [1], 1: [6, 7]})  # the zombie still had a batch in flight
-    assert asyncio.run(old.publish(late, r3)) == [TopicPartition("in", 1)]
+    asyncio.run(old.publish(late, r3))  # returns: a fenced partition is skipped, not retried
+    assert old.fenced == {TopicPartition("in", 1)}
     # in-1-6 and in-1-7 once each (from `new`); the zombie's copies never became visible
     assert ids(cluster.visible["out"]) == ["in-0-0", "in-0-1", "in-1-6", "in-1-7"]
     assert ids(cluster.visible["dlq"]) == ["in-1-5"]
     assert cluster.offsets[(GROUP, TopicPartition("in", 1))] == 8
     assert TopicPartition("in", 1) not in old.producers
     # Fenced stays fenced until the partition is assigned to us again.
-    assert asyncio.run(old.publish(late, r3, set())) == [TopicPartition("in", 1)]
+    before = cluster.transactions
+    asyncio.run(old.publish(late, r3))
+    assert cluster.transactions == before + 1  # partition 0 only
     asyncio.run(old.on_assigned([TopicPartition("in", 1)]))
     assert TopicPartition("in", 1) not in old.fenced
 
@@ -187,15 +214,37 @@ def test_revoked_partitions_stop_their_producers():
 
 
 @pytest.mark.broker
-def test_probe_reports_missing_transactions_on_the_embedded_broker(topics):
-    with pytest.raises(TransactionsUnsupported):
-        asyncio.run(probe(producer_factory(topics.settings), "probe-test", timeout_s=20))
+def test_probe_finds_transactions_on_kafka_and_none_on_the_embedded_broker(engine, topics):
+    check = probe(producer_factory(topics.settings), f"probe-{topics.settings.group_id}", timeout_s=20)
+    if engine == "kafka":
+        asyncio.run(check)  # no exception: Apache Kafka has transactions
+    else:
+        with pytest.raises(TransactionsUnsupported):
+            asyncio.run(check)
 
 
 @pytest.mark.broker
-def test_worker_refuses_exactly_once_on_a_broker_without_transactions(topics, start_worker):
+def test_worker_runs_exactly_once_only_where_the_broker_has_transactions(engine, topics, start_worker):
     w = start_worker(topics, delivery="exactly_once")
+    if engine == "kafka":
+        assert w.wait_for_log("Worker ready", 120), w.output()[-3000:]
+        topics.produce([b'{"id": "a", "text": "so happy for you"}'], keys=[b"a"])
+        assert [o["id"] for o in topics.outputs(1)] == ["a"]
+        assert w.stop(signal.SIGTERM) == 0
+        return
     assert w.proc.wait(120) == 2
     out = w.output()
     assert "delivery=exactly_once needs a broker with transactions" in out
     assert w.stop(signal.SIGTERM) == 2
+
+
+def test_a_partition_no_longer_assigned_is_left_to_its_new_owner():
+    cluster = FakeCluster()
+    pub = publisher(cluster)
+    asyncio.run(pub.on_assigned({TopicPartition("in", 0), TopicPartition("in", 1)}))
+    asyncio.run(pub.on_revoked({TopicPartition("in", 1)}))  # moved while a batch of it was inferred
+    msgs, result = batch_of({0: [0], 1: [0]})
+    asyncio.run(pub.publish(msgs, result))
+    assert set(cluster.epochs) == {"g-in-0"}  # no producer for partition 1: the new owner's is not fenced
+    assert ids(cluster.visible["out"]) == ["in-0-0"]
+    assert (GROUP, TopicPartition("in", 1)) not in cluster.offsets

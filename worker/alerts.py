@@ -34,12 +34,15 @@ import operator
 import re
 import tomllib
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+import orjson
+
+from .timestamps import iso_utc
+
 __all__ = ["AlertRuleError", "Rule", "parse_rule", "load_rules", "parse_inline", "validate", "evaluate",
-           "alert_record"]
+           "alert_field", "with_alert"]
 
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*\Z")
 KEYWORDS = frozenset({"and", "or", "not", "has", "labels", "top"})
@@ -548,12 +551,16 @@ def evaluate(rules: Iterable[Rule], emotions: Mapping[str, Any]) -> list[str]:
     return [r.name for r in rules if r.matches(emotions)]
 
 
-def alert_record(output_record: Mapping[str, Any], fired: Sequence[str], at: float | None = None) -> dict:
-    """A copy of the enriched record plus ``"alert": {"rules": fired, "at": ISO 8601 UTC}``.
+def alert_field(fired: Sequence[str], at: float) -> dict:
+    """What an alert record adds to the enriched record: ``{"rules": fired, "at": ISO 8601 UTC}``."""
+    return {"rules": list(fired), "at": iso_utc(at)}
 
-    ``at`` is epoch seconds (default: now).
+
+def with_alert(output_value: bytes, fired: Sequence[str], at: float) -> bytes:
+    """The enriched record's JSON plus ``"alert": alert_field(...)`` as its last field.
+
+    Spliced into the encoded bytes, so a record that fires a rule is encoded once, not twice; the
+    result equals encoding the record dict with the field added. ``output_value`` is a JSON object
+    without an ``alert`` field (the pipeline encodes the other case itself).
     """
-    when = datetime.now(timezone.utc) if at is None else datetime.fromtimestamp(at, tz=timezone.utc)
-    record = dict(output_record)
-    record["alert"] = {"rules": list(fired), "at": when.isoformat(timespec="milliseconds")}
-    return record
+    return output_value[:-1] + b',"alert":' + orjson.dumps(alert_field(fired, at)) + b"}"

@@ -1,12 +1,15 @@
-"""The faust app: take a batch, run the pipeline off the event loop, publish, release offsets.
+"""The faust app: take a batch, infer it off the event loop, publish, release its offsets.
 
-Nothing else happens here. Offsets advance only through faust's acknowledgements, and a batch's
-events are released (batching.Batch.release) only after every output, dead-letter and alert
-record of the batch has been acknowledged by the broker (``publish`` awaits each delivery). So a
-commit never covers an unpublished record (at-least-once). A publish that fails is retried
-(``on_broker_loss=retry``) or ends the process with a non-zero code (``exit``); it is never
-skipped. With ``delivery=exactly_once`` the records and offsets commit in one Kafka transaction
-per input partition instead (transactions.py).
+The agent is a chain of named steps: :func:`~.batching.batches` → :class:`~.inflight.OrderedInFlight`
+(inference on executor threads, up to ``batches_in_flight`` at once, results in batch order) →
+:class:`~.publishing.Publisher` (at-least-once or exactly-once, chosen by ``delivery``) → release.
+A batch's events are released (:meth:`~.batching.Batch.release`) only after the publisher returned,
+that is after every output, dead-letter and alert record of the batch was acknowledged by the
+broker (or committed in its transaction), so a commit never covers an unpublished record. A
+publish that fails is retried or ends the process with a non-zero code; it is never skipped.
+
+Around the agent: the rebalance hooks (readiness, the publisher's partitions), the event-loop
+heartbeat behind ``/healthz``, the broker watch and model reloading.
 """
 
 from __future__ import annotations
@@ -15,42 +18,42 @@ import asyncio
 import logging
 import os
 import signal
-import ssl
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import Awaitable, Callable, Sequence
 
 import faust
 from mode import CrashingSupervisor
 
 from .batching import Batch, batches
-from .health import HealthServer
+from .inflight import OrderedInFlight
+from .kafka_io import faust_credentials
 from .metrics import Metrics
-from .pipeline import BatchResult, Enricher, Outgoing
+from .ops_server import OpsServer
+from .pipeline import BatchResult, Enricher
+from .publishing import make_publisher
 from .settings import Settings
-from .transactions import TransactionalPublisher, producer_factory
 
 log = logging.getLogger("emostream.worker")
 
 EXIT_BROKER_LOST = 3
-EXIT_PUBLISH_FAILED = 4
 
 
-class ExitRequest:
-    """A shutdown with a non-zero exit code, asked for from inside the running app.
+class Shutdown:
+    """Stops this worker process with a non-zero exit code, asked for from inside the running app.
 
-    The worker is stopped like on SIGTERM (so nothing unpublished is committed); if that hangs
-    on a dead broker, the process exits hard after ``grace_s`` — still safe, because offsets of
-    unpublished records were never committed.
+    :meth:`stop` stops the worker like SIGTERM does (so nothing unpublished is committed); if that
+    hangs on a dead broker, the process exits hard after ``grace_s`` — still safe, because offsets
+    of unpublished records were never committed. ``code`` is the first code asked for (0: none).
     """
 
     def __init__(self, grace_s: float = 20.0):
         self.code = 0
         self.grace_s = grace_s
 
-    def __call__(self, code: int, reason: str) -> None:
+    def stop(self, code: int, reason: str) -> None:
         if self.code:
             return
         self.code = code
@@ -59,45 +62,6 @@ class ExitRequest:
         timer.daemon = True
         timer.start()
         os.kill(os.getpid(), signal.SIGTERM)
-
-
-def broker_credentials(settings: Settings):
-    """faust credentials object for SASL / SSL, or None for PLAINTEXT."""
-    proto = settings.security_protocol
-    ctx = None
-    if "SSL" in proto:
-        ctx = ssl.create_default_context(cafile=settings.ssl_cafile or None)
-        if settings.ssl_certfile:
-            ctx.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile or None, settings.ssl_key_password or None)
-    if proto.startswith("SASL"):
-        return faust.SASLCredentials(
-            username=settings.sasl_username, password=settings.sasl_password,
-            mechanism=settings.sasl_mechanism, ssl_context=ctx,
-        )
-    if ctx is not None:
-        return faust.SSLCredentials(ctx)
-    return None
-
-
-async def send_all(producer, topic: str, records: Sequence[Outgoing]) -> None:
-    """Send all records, then wait until the broker has acknowledged every one (raises if any fails)."""
-    futures = [await producer.send(topic, r.key, r.value, None, None, None) for r in records]
-    if futures:
-        await asyncio.gather(*futures)
-
-
-async def _unless_stopped(awaitable, publisher: asyncio.Task) -> None:
-    """Await ``awaitable``, but raise what stopped the publisher task if it ends first (it never
-    ends on its own: waiting on a queue it no longer serves would hang)."""
-    fut = asyncio.ensure_future(awaitable)
-    try:
-        await asyncio.wait({fut, publisher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not fut.done():
-            fut.cancel()
-    if publisher.done():
-        publisher.result()  # raises what stopped it
-        raise RuntimeError("the publisher stopped")
 
 
 async def broker_reachable(servers: Sequence[str], timeout: float = 2.0) -> bool:
@@ -113,14 +77,54 @@ async def broker_reachable(servers: Sequence[str], timeout: float = 2.0) -> bool
     return False
 
 
-def set_fetch_max_wait(ms: int, read_committed: bool = False) -> None:
-    """Make faust's consumers use ``fetch_max_wait_ms=ms`` (and read_committed) in this process.
+class BrokerWatch:
+    """Says when the broker goes away and comes back; applies ``on_broker_loss=exit``.
+
+    faust and aiokafka retry a lost broker on their own, silently; this check (every 2 s) is what
+    puts it in the log, and what ends the process after ``broker_loss_exit_s`` when asked to.
+    """
+
+    def __init__(self, settings: Settings, exit_with: Callable[[int, str], None],
+                 reachable: Callable[[], Awaitable[bool]] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.settings = settings
+        self.exit_with = exit_with
+        self.reachable = reachable or (lambda: broker_reachable(settings.bootstrap_servers))
+        self.clock = clock
+        self.down_since: float | None = None
+
+    async def check(self) -> None:
+        s = self.settings
+        up = await self.reachable()
+        now = self.clock()
+        since = self.down_since
+        if up:
+            if since is not None:
+                log.warning("broker %s reachable again after %.0f s", s.broker, now - since)
+            self.down_since = None
+            return
+        if since is None:
+            self.down_since = since = now
+            log.error("broker %s unreachable (policy on_broker_loss=%s); consuming and publishing are paused, "
+                      "nothing unpublished is committed", s.broker, s.on_broker_loss)
+        elif int(now - since) % 10 < 2:
+            log.error("broker %s unreachable for %.0f s", s.broker, now - since)
+        if s.on_broker_loss == "exit" and now - since >= s.broker_loss_exit_s:
+            self.exit_with(EXIT_BROKER_LOST, f"broker unreachable for {now - since:.0f} s")
+
+
+def set_fetch_max_wait(ms: int, exactly_once: bool = False) -> None:
+    """Make faust's consumers use ``fetch_max_wait_ms=ms`` in this process; with ``exactly_once``
+    also read_committed, and leave committing offsets to the transactions.
 
     faust-streaming hard-codes 1500 ms when it builds its aiokafka consumer. Real Kafka answers a
     waiting fetch as soon as data arrives, but a broker that holds the fetch (Tansu) adds up to that
     wait to a record's latency; `emostream bench` measured p99 ≈ 1.1 s at half capacity with it.
     faust also sets the isolation level from its own processing guarantee, which we do not use
-    for exactly-once (see transactions.py).
+    for exactly-once (see transactions.py). And faust commits the offsets of acknowledged records
+    on a timer: under exactly-once that second writer races the transactions' offset commits, and
+    a late plain commit moved a partition's offset back (64 duplicates after kill -9 on Apache
+    Kafka, tests/test_kafka.py), so there the consumer's own commit does nothing.
     """
     import aiokafka
 
@@ -131,9 +135,14 @@ def set_fetch_max_wait(ms: int, read_committed: bool = False) -> None:
 
         def __init__(self, *args, **kwargs):
             kwargs["fetch_max_wait_ms"] = ms
-            if read_committed:
+            if exactly_once:
                 kwargs["isolation_level"] = "read_committed"
             super().__init__(*args, **kwargs)
+
+        async def commit(self, offsets=None):
+            if exactly_once:
+                return  # the transaction of each batch commits its input offset (transactions.py)
+            return await super().commit(offsets)
 
     aiokafka.AIOKafkaConsumer = Consumer
 
@@ -142,7 +151,7 @@ def faust_config(settings: Settings, datadir: str | None = None) -> dict:
     """faust.App keyword arguments for a stateless, at-least-once worker (shared with the naive agent)."""
     return dict(
         broker=settings.broker,
-        broker_credentials=broker_credentials(settings),
+        broker_credentials=faust_credentials(settings),
         key_serializer="raw",
         value_serializer="raw",
         store="memory://",  # stateless: no tables, no changelogs
@@ -163,122 +172,50 @@ def faust_config(settings: Settings, datadir: str | None = None) -> dict:
     )
 
 
-def create_app(settings: Settings, enricher: Enricher, exit_request: ExitRequest | None = None,
-               metrics: Metrics | None = None, health: HealthServer | None = None, reloader=None,
+def create_app(settings: Settings, enricher: Enricher, shutdown: Shutdown | None = None,
+               metrics: Metrics | None = None, ops: OpsServer | None = None, reloader=None,
                datadir: str | None = None) -> faust.App:
-    """The faust app around one Enricher; metrics, health and reloading are optional collaborators."""
-    exit_request = exit_request or ExitRequest()
+    """The faust app around one Enricher; metrics, the operations server and reloading are optional."""
+    shutdown = shutdown or Shutdown()
     metrics = metrics or Metrics()
-    exactly_once = settings.delivery == "exactly_once"
-    set_fetch_max_wait(settings.fetch_max_wait_ms, read_committed=exactly_once)
+    set_fetch_max_wait(settings.fetch_max_wait_ms, exactly_once=settings.delivery == "exactly_once")
     app = faust.App(settings.group_id, **faust_config(settings, datadir), agent_supervisor=CrashingSupervisor)
     source = app.topic(settings.input_topic, key_type=bytes, value_type=bytes,
                        key_serializer="raw", value_serializer="raw")
-    in_flight_max = settings.batches_in_flight if settings.publish_overlap else 1
-    executor = ThreadPoolExecutor(max_workers=in_flight_max, thread_name_prefix="emostream-infer")
+    in_flight = settings.batches_in_flight if settings.publish_overlap else 1
+    executor = ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="emostream-infer")
     app.emostream_executor = executor  # type: ignore[attr-defined]
-    broker_down_since: list[float | None] = [None]
-    txn = TransactionalPublisher(producer_factory(settings), settings.group_id, settings.output_topic,
-                                 settings.dlq_topic, settings.alerts_topic) if exactly_once else None
+    publisher = make_publisher(settings, lambda: app.producer, metrics, shutdown.stop)
+    published = 0  # batches published so far: the batch id in debug logs
 
-    async def publish(batch, result: BatchResult) -> None:
-        """Publish a batch's records; retry or exit on failure, never return without publishing."""
-        delay = 0.5
-        done: set = set()  # exactly_once: partitions whose transaction already committed
-        while True:
-            try:
-                if settings.fault_publish_delay_ms:
-                    await asyncio.sleep(settings.fault_publish_delay_ms / 1000)
-                if txn is not None:
-                    await txn.publish(batch, result, done)
-                    return
-                await send_all(app.producer, settings.output_topic, result.outputs)
-                await send_all(app.producer, settings.dlq_topic, result.dead_letters)
-                await send_all(app.producer, settings.alerts_topic, result.alerts)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - every publish failure is handled the same way
-                metrics.publish_failed()
-                if settings.on_broker_loss == "exit":
-                    exit_request(EXIT_PUBLISH_FAILED, f"publishing a batch of {result.size} failed: {exc!r}")
-                    await asyncio.Event().wait()  # never ack this batch; shutdown cancels us
-                log.error("publishing a batch of %d failed (%r); retrying in %.1f s — nothing is committed "
-                          "until it succeeds (at_least_once: records already sent may be duplicated)", result.size, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+    def infer(batch: Batch) -> Awaitable[BatchResult]:
+        return asyncio.get_running_loop().run_in_executor(executor, enricher, batch.messages)
 
-    def finish(batch: Batch, result: BatchResult, batch_id: int) -> None:
-        """After the broker acknowledged a batch's records: release its offsets, count it."""
+    async def publish(batch: Batch, result: BatchResult) -> None:
+        """Publish (in batch order), then release the batch's offsets and count it."""
+        nonlocal published
+        await publisher.publish(batch.messages, result)
         batch.release()
+        published += 1
         metrics.observe_batch(result, time.time())
-        if enricher.cache is not None:
-            metrics.sync_cache(enricher.cache_stats())
         if result.alerts:
             metrics.observe_alerts(result.alerts_fired.elements())
         if log.isEnabledFor(logging.DEBUG):
             log.debug("batch of %d: %d out, %d dead-lettered, %d alerts, %.1f ms inference, partitions %s",
                       result.size, len(result.outputs), len(result.dead_letters), len(result.alerts),
                       result.inference_s * 1000, sorted({m.partition for m in batch.messages}),
-                      extra={"batch_id": batch_id, "size": result.size, "out": len(result.outputs),
+                      extra={"batch_id": published, "size": result.size, "out": len(result.outputs),
                              "dlq": len(result.dead_letters), "alerts": len(result.alerts),
                              "inference_ms": round(result.inference_s * 1000, 1)})
 
+    runner = OrderedInFlight(infer, publish, limit=in_flight, overlap=settings.publish_overlap)
+
     @app.agent(source, name="enrich")
     async def enrich(stream) -> None:
-        """Batch → inference (executor threads) → publish in batch order → release offsets.
+        """Batches → inference (executor threads, up to batches_in_flight) → publish in order → release."""
+        await runner.run(batches(stream, settings.batch_max, settings.batch_window_s))
 
-        Up to ``batches_in_flight`` batches are inferred at once while a publisher task publishes
-        finished ones strictly in batch order; a batch's offsets are released only once all its
-        records are acknowledged. Memory stays bounded: at most ``batches_in_flight`` inferring
-        plus as many waiting for the publisher. ``publish_overlap=false``: one batch at a time.
-        """
-        loop = asyncio.get_running_loop()
-        slots = asyncio.Semaphore(in_flight_max)
-        ready: asyncio.Queue = asyncio.Queue(maxsize=in_flight_max)
-
-        async def publisher() -> None:
-            while True:
-                batch, batch_id, inferred = await ready.get()
-                try:
-                    result: BatchResult = await inferred
-                    await publish(batch.messages, result)
-                    finish(batch, result, batch_id)
-                finally:
-                    ready.task_done()
-
-        publishing = asyncio.create_task(publisher())
-        batch_id = 0
-        try:
-            taking = batches(stream, settings.batch_max, settings.batch_window_s).__aiter__()
-            while True:
-                # A free inference slot first, then the batch: what waited meanwhile joins it, and
-                # with batch_window_ms=0 a batch is whatever arrived by the time a slot is free.
-                await slots.acquire()
-                try:
-                    batch = await taking.__anext__()
-                except StopAsyncIteration:
-                    slots.release()
-                    break
-                batch_id += 1
-                inferred = loop.run_in_executor(executor, enricher, batch.messages)
-                inferred.add_done_callback(lambda _: slots.release())
-                await _unless_stopped(ready.put((batch, batch_id, inferred)), publishing)
-                if not settings.publish_overlap:
-                    await _unless_stopped(ready.join(), publishing)
-            await _unless_stopped(ready.join(), publishing)
-        finally:
-            if not publishing.done():
-                # Shutting down: give batches already inferred a moment to be published (their
-                # offsets are then committed, fewer duplicates for the next owner), else drop
-                # them unreleased — they are read again, never lost.
-                try:
-                    await asyncio.wait_for(asyncio.shield(_unless_stopped(ready.join(), publishing)), timeout=5.0)
-                except BaseException:  # noqa: BLE001 - cancelled or timed out: nothing was released
-                    pass
-                publishing.cancel()
-
-    def _count_assigned() -> int:
+    def assigned_input_partitions() -> int:
         try:
             return sum(1 for tp in app.consumer.assignment() if tp.topic == settings.input_topic)
         except Exception:  # noqa: BLE001 - consumer not started yet
@@ -286,29 +223,33 @@ def create_app(settings: Settings, enricher: Enricher, exit_request: ExitRequest
 
     @app.on_rebalance_complete.connect
     async def _rebalanced(sender, **kwargs) -> None:
-        n = _count_assigned()
-        if health is not None:
-            health.set_partitions(n)
+        n = assigned_input_partitions()
+        if ops is not None:
+            ops.set_partitions(n)
         else:
             metrics.set_partitions(n)
         log.info("Worker ready: %d partition(s) of %s assigned", n, settings.input_topic,
                  extra={"partitions": n})
 
+    @app.on_partitions_assigned.connect
+    async def _assigned(sender, assigned, **kwargs) -> None:
+        await publisher.on_assigned(assigned)
+
     @app.on_partitions_revoked.connect
     async def _revoked(sender, revoked, **kwargs) -> None:
-        if health is not None:
-            health.set_partitions(0)
-        if txn is not None:
-            await txn.on_revoked(revoked)
+        if ops is not None:
+            ops.set_partitions(0)
+        await publisher.on_revoked(revoked)
 
-    if txn is not None:
-        @app.on_partitions_assigned.connect
-        async def _assigned(sender, assigned, **kwargs) -> None:
-            await txn.on_assigned(assigned)
+    @app.on_before_shutdown.connect
+    async def _stop_publisher(sender, **kwargs) -> None:
+        await publisher.stop()
 
-        @app.on_before_shutdown.connect
-        async def _stop_transactions(sender, **kwargs) -> None:
-            await txn.stop()
+    if ops is not None:
+        @app.task
+        async def _heartbeat() -> None:
+            """Liveness: /healthz fails when this stops beating (the loop is stuck)."""
+            await ops.heartbeat.run()
 
     if reloader is not None:
         @app.task
@@ -321,7 +262,7 @@ def create_app(settings: Settings, enricher: Enricher, exit_request: ExitRequest
 
         @app.timer(interval=max(settings.reload_poll_s, 0.5) if settings.reload_poll_s else 1.0)
         async def _reload() -> None:
-            """Swap the model on the inference thread, between two batches — never inside one."""
+            """Swap the model on the inference threads, between two batches — never inside one."""
             if not reloader.due():
                 return
             loop = asyncio.get_running_loop()
@@ -331,24 +272,6 @@ def create_app(settings: Settings, enricher: Enricher, exit_request: ExitRequest
                 metrics.set_model(new_model.info)
                 log.warning("model reloaded: %s", new_model.info, extra={"model": new_model.info})
 
-    @app.timer(interval=2.0)
-    async def watch_broker() -> None:
-        """Say when the broker goes away and comes back; apply on_broker_loss=exit."""
-        up = await broker_reachable(settings.bootstrap_servers)
-        now = time.monotonic()
-        since = broker_down_since[0]
-        if up:
-            if since is not None:
-                log.warning("broker %s reachable again after %.0f s", settings.broker, now - since)
-            broker_down_since[0] = None
-            return
-        if since is None:
-            broker_down_since[0] = since = now
-            log.error("broker %s unreachable (policy on_broker_loss=%s); consuming and publishing are paused, "
-                      "nothing unpublished is committed", settings.broker, settings.on_broker_loss)
-        elif int(now - since) % 10 < 2:
-            log.error("broker %s unreachable for %.0f s", settings.broker, now - since)
-        if settings.on_broker_loss == "exit" and now - since >= settings.broker_loss_exit_s:
-            exit_request(EXIT_BROKER_LOST, f"broker unreachable for {now - since:.0f} s")
-
+    watch = BrokerWatch(settings, shutdown.stop)
+    app.timer(interval=2.0, name="watch_broker")(watch.check)
     return app

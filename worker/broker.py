@@ -1,14 +1,19 @@
-"""The embedded Kafka-protocol broker (Tansu, in-memory) for the demo, development and tests.
+"""Local brokers for the demo, development, tests and the bench: two engines behind one interface
+(``start``/``stop``/``url``/``address``, a context manager).
 
-Production runs real Kafka (see docker-compose.yml). Tansu lacks idempotent producers and
-transactions, so exactly-once cannot be shown on it.
+- ``tansu`` (default): the embedded Kafka-protocol broker Tansu, in memory, instant and
+  dependency-free; it lacks idempotent producers and transactions, holds a fetch until its wait
+  ends and keeps nothing on disk.
+- ``kafka``: Apache Kafka itself from Maven Central's jars (:mod:`.kafka_broker`), one node or a
+  three-node KRaft cluster, optionally on a data directory that survives restarts.
+
+Production runs real Kafka (see docker-compose.yml).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -53,6 +58,8 @@ def wait_for_port(host: str, port: int, timeout: float) -> bool:
 class EmbeddedBroker:
     """Tansu on 127.0.0.1:port with in-memory storage; a context manager."""
 
+    engine = "tansu"
+
     def __init__(self, port: int | None = None, log_path: str | os.PathLike | None = None):
         self.port = port or free_port()
         self.host = "127.0.0.1"
@@ -85,6 +92,9 @@ class EmbeddedBroker:
             raise BrokerError(f"tansu did not open {self.address} within {timeout}s")
         return self
 
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def stop(self, kill: bool = False) -> None:
         if self.proc is None:
             return
@@ -104,8 +114,19 @@ class EmbeddedBroker:
         self.stop()
 
 
-def which_tansu() -> str | None:
-    try:
-        return str(tansu_binary())
-    except BrokerError:
-        return shutil.which("tansu")
+ENGINES = ("tansu", "kafka")
+
+
+def make_broker(engine: str = "tansu", port: int | None = None, data_dir: str | os.PathLike | None = None,
+                nodes: int = 1, log_path: str | os.PathLike | None = None):
+    """An unstarted broker of ``engine``: :class:`EmbeddedBroker` or :class:`.kafka_broker.KafkaCluster`."""
+    if engine == "tansu":
+        if data_dir is not None or nodes != 1:
+            raise BrokerError("the embedded broker (tansu) runs one node in memory: --data-dir and --nodes need "
+                              "--engine kafka")
+        return EmbeddedBroker(port=port, log_path=log_path)
+    if engine == "kafka":
+        from .kafka_broker import KafkaCluster
+
+        return KafkaCluster(port=port, nodes=nodes, data_dir=data_dir, log_path=log_path)
+    raise BrokerError(f"unknown broker engine {engine!r} (choose {' or '.join(ENGINES)})")

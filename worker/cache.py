@@ -6,8 +6,11 @@ the first computation did — the embedding row and, per head, the probability r
 selected-label row and the top index — so a hit yields byte-identical scores and labels.
 
 Bounded by entry count: with MiniLM (384 floats) and one 28-label head an entry is about 2 KB,
-so 10 000 entries cost roughly 20 MB. Not thread-safe by itself: the pipeline calls it from its
-single inference thread.
+so 10 000 entries cost roughly 20 MB. Thread-safe: the worker infers up to ``batches_in_flight``
+batches at once, each on its own thread.
+
+:class:`CachedModel` wraps a model with the cache: the pipeline calls it like the model itself and
+reads each batch's hits and misses from its prediction.
 """
 
 from __future__ import annotations
@@ -16,8 +19,12 @@ import hashlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
+
+from emostream.models.heads import HeadOutput
+from emostream.models.model import Prediction
 
 DIGEST_SIZE = 16  # 128-bit keys: collisions are not a practical concern at cache sizes
 
@@ -41,10 +48,8 @@ class CachedResult:
 
 
 class ResultCache:
-    """LRU of ``text_key → CachedResult`` holding at most ``max_entries`` entries.
-
-    Thread-safe: the worker may infer two batches at once (``batches_in_flight``).
-    """
+    """LRU of ``text_key → CachedResult`` holding at most ``max_entries`` entries; its counters run
+    over its whole life (``stats``)."""
 
     def __init__(self, max_entries: int):
         if max_entries < 1:
@@ -108,3 +113,73 @@ class ResultCache:
 def disabled_stats() -> dict:
     return {"enabled": False, "max_entries": 0, "entries": 0, "hits": 0, "misses": 0, "evictions": 0,
             "hit_rate": 0.0}
+
+
+@dataclass(frozen=True)
+class CachedPrediction(Prediction):
+    """A prediction served partly or wholly from the cache, with this call's lookups counted."""
+
+    cache_hits: int = 0  # texts answered without their own inference (cached, or repeated in the call)
+    cache_misses: int = 0  # distinct texts the model computed
+
+
+class CachedModel:
+    """A model behind a :class:`ResultCache`: ``predict`` runs the model on the texts it has not
+    seen (each distinct text once) and takes the rest from the cache.
+
+    Rows served from the cache are the stored rows of the first computation, so a hit's output
+    equals what that text produced when it missed. One cache belongs to one model: a reload builds
+    a new wrapper over a cleared cache.
+    """
+
+    def __init__(self, model, cache: ResultCache):
+        self.model = model
+        self.cache = cache
+        self.info = model.info
+        self.heads = model.heads
+
+    def predict(self, texts: Sequence[str], max_tokens: int = 4096) -> CachedPrediction:
+        cache = self.cache
+        keys = [text_key(t) for t in texts]
+        found: list[CachedResult | None] = []
+        miss_row: dict[bytes, int] = {}  # key → row in the model's output
+        miss_texts: list[str] = []
+        for key, text in zip(keys, texts):
+            if key in miss_row:  # the same text earlier in this call: computed once
+                cache.count_hit()
+                found.append(None)
+                continue
+            entry = cache.get(key)
+            found.append(entry)
+            if entry is None:
+                miss_row[key] = len(miss_texts)
+                miss_texts.append(text)
+        hits, misses = len(texts) - len(miss_texts), len(miss_texts)
+        pred = None
+        if miss_texts:
+            pred = self.model.predict(miss_texts, max_tokens=max_tokens)
+            for key, j in miss_row.items():
+                cache.put(key, CachedResult(
+                    pred.embeddings[j].copy(),
+                    {name: HeadRow(out.probs[j].copy(), out.selected[j].copy(), int(out.top[j]))
+                     for name, out in pred.heads.items()},
+                ))
+            if len(miss_texts) == len(texts):
+                return CachedPrediction(pred.embeddings, pred.heads, pred.tokens, pred.padded_tokens, 0, misses)
+        # Assemble rows in input order: from the model's output for misses, the cache for hits.
+        hit = [entry is not None for entry in found]
+        src = [found[i] if hit[i] else miss_row[keys[i]] for i in range(len(texts))]
+        embeddings = np.stack([s.embedding if h else pred.embeddings[s] for s, h in zip(src, hit)])
+        heads: dict[str, HeadOutput] = {}
+        for head in self.heads:
+            name = head.name
+            rows = [s.heads[name] if h else None for s, h in zip(src, hit)]
+            out = pred.heads[name] if pred is not None else None
+            heads[name] = HeadOutput(
+                np.stack([r.probs if h else out.probs[s] for r, s, h in zip(rows, src, hit)]),
+                np.stack([r.selected if h else out.selected[s] for r, s, h in zip(rows, src, hit)]),
+                np.array([r.top if h else int(out.top[s]) for r, s, h in zip(rows, src, hit)], dtype=np.int64),
+            )
+        tokens = pred.tokens if pred is not None else 0
+        padded = pred.padded_tokens if pred is not None else 0
+        return CachedPrediction(embeddings, heads, tokens, padded, hits, misses)

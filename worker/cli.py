@@ -1,4 +1,10 @@
-"""The ``emostream`` command line: parses arguments and dispatches, nothing more."""
+"""The ``emostream`` command line: parses arguments and dispatches, nothing more.
+
+A mistake the user can fix — a wrong model name or path, a missing optional extra, a bad setting,
+a broker that cannot be reached — ends the command with one line on stderr and exit code 2
+(:func:`user_error`); a traceback means a bug. ``--log-level debug`` (or EMOSTREAM_LOG_LEVEL=debug)
+shows the traceback in both cases.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +12,16 @@ import asyncio
 import functools
 import inspect
 import logging
+import os
+import re
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import orjson
 import typer
 
-from .settings import Settings, env_name, flag_name, settings_markdown
+from .settings import Settings, SettingsError, env_name, flag_name, settings_markdown
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Enrich Kafka text events with emotion scores.")
@@ -23,7 +31,8 @@ MODEL_FIELDS = ("model", "model_cache_dir", "inference_threads", "inference_stre
                 "max_text_chars", "max_record_bytes", "log_level")
 CONNECTION_FIELDS = ("broker", "security_protocol", "sasl_mechanism", "sasl_username", "sasl_password",
                      "ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_key_password", "partitions",
-                     "replication_factor")
+                     "replication_factor", "log_level")
+EXIT_USER_ERROR = 2
 
 
 def _option(name: str) -> inspect.Parameter:
@@ -49,11 +58,7 @@ def with_settings(fields=ALL_FIELDS):
         @functools.wraps(fn)
         def wrapper(**kwargs):
             overrides = {k: kwargs.pop(k) for k in fields}
-            try:
-                settings = Settings.from_env(**overrides)
-            except Exception as exc:  # pydantic ValidationError: show it as a usage error
-                raise typer.BadParameter(str(exc)) from exc
-            return fn(settings=settings, **kwargs)
+            return fn(settings=Settings.from_env(**overrides), **kwargs)  # SettingsError: one line (main)
 
         params = [p for p in sig.parameters.values() if p.name != "settings"]
         wrapper.__signature__ = sig.replace(parameters=params + [_option(n) for n in fields])
@@ -67,22 +72,40 @@ def setup_logging(level: str) -> None:
                         stream=sys.stderr)
 
 
+def client_logging(level: str) -> None:
+    """For the Kafka client commands: aiokafka's own error lines only with debug, since a failure
+    ends the command with its one line anyway."""
+    from .logging_setup import configure_logging
+
+    configure_logging(level, library_level_override=None if level == "debug" else "critical")
+
+
 # --------------------------------------------------------------------------------------------
 @cli.command()
-def broker(port: int = typer.Option(9092, "--port", "-p", help="Port on 127.0.0.1.")) -> None:
-    """Run the embedded Kafka-protocol broker (Tansu, in memory) until Ctrl-C."""
+def broker(
+    port: int = typer.Option(9092, "--port", "-p", help="Port on 127.0.0.1 (Kafka with --nodes 3: P, P+1, P+2)."),
+    engine: str = typer.Option("tansu", "--engine", "-e",
+                               help="tansu: embedded, in memory, instant. kafka: Apache Kafka (needs Java 17 and "
+                                    "Maven; its jars are fetched into the cache on first use)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir",
+                                            help="kafka: keep the log here; the same DIR and port restart the same "
+                                                 "broker with its data (default: a temporary directory)."),
+    nodes: int = typer.Option(1, "--nodes", help="kafka: 1, or 3 for a replicated KRaft cluster "
+                                                 "(replication 3, min.insync.replicas 2)."),
+) -> None:
+    """Run a local broker until Ctrl-C or SIGTERM: embedded Tansu (default) or Apache Kafka."""
     import signal
     import threading
 
-    from .broker import EmbeddedBroker
+    from .broker import make_broker
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    b = EmbeddedBroker(port=port).start()
-    typer.echo(f"broker listening on {b.address} (EMOSTREAM_BROKER={b.url}); Ctrl-C stops it", err=True)
+    b = make_broker(engine, port=port, data_dir=data_dir, nodes=nodes).start()  # BrokerError: one line (main)
+    typer.echo(f"{engine} broker listening on {b.address} (EMOSTREAM_BROKER='{b.url}'); Ctrl-C stops it", err=True)
     try:
-        while not stop.is_set() and b.proc is not None and b.proc.poll() is None:
+        while not stop.is_set() and b.alive():
             stop.wait(0.5)
     finally:
         b.stop()
@@ -97,16 +120,9 @@ def worker(settings: Settings) -> None:
         from .processes import run_processes
 
         raise typer.Exit(run_processes(settings))
-    from emostream.models.manifest import ManifestError
-
     from .runner import run_worker
 
-    try:
-        code = run_worker(settings)
-    except ManifestError as exc:  # a wrong model name, a missing extra: one line, not a traceback
-        typer.echo(f"cannot load model {settings.model!r}: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    raise typer.Exit(code)
+    raise typer.Exit(run_worker(settings))
 
 
 @cli.command()
@@ -117,17 +133,11 @@ def classify(
     settings: Settings = None,
 ) -> None:
     """Score texts without Kafka: one enriched JSON record per text on stdout."""
-    from emostream.models.manifest import ManifestError
-
     from .classify import classify_lines
 
     setup_logging(settings.log_level if settings.log_level != "info" else "warning")
     lines = texts if texts else (line.rstrip("\n") for line in sys.stdin)
-    try:
-        classify_lines(settings, lines, table=table)
-    except ManifestError as exc:  # a wrong model name, a missing extra: one line, not a traceback
-        typer.echo(f"cannot load model {settings.model!r}: {exc}", err=True)
-        raise typer.Exit(2) from exc
+    classify_lines(settings, lines, table=table)
 
 
 @cli.command()
@@ -141,6 +151,7 @@ def produce(
     """Send JSON lines (or any lines) from a file or stdin to a topic, one record per line."""
     from .kafka_io import produce as produce_records
 
+    client_logging(settings.log_level)
     topic = topic or settings.input_topic
     stream = file.open("rb") if file else sys.stdin.buffer
 
@@ -175,6 +186,7 @@ def consume(
     """Print a topic's records as JSON lines on stdout (from the beginning)."""
     from .kafka_io import consume as consume_records
 
+    client_logging(settings.log_level)
     topic = topic or settings.output_topic
 
     async def run() -> int:
@@ -204,14 +216,14 @@ def demo(
 
 
 @cli.command("settings")
-def settings_cmd(markdown: bool = typer.Option(False, "--markdown", help="The README table."),
-                 readme: Optional[Path] = typer.Option(None, "--update-readme",
-                                                       help="Rewrite the table in this README.")) -> None:
+def settings_cmd(markdown: bool = typer.Option(False, "--markdown", help="The table of docs/settings.md."),
+                 docs: Optional[Path] = typer.Option(None, "--update-docs", exists=True, dir_okay=False,
+                                                     help="Rewrite the table in this file (docs/settings.md).")) -> None:
     """Print every setting (flag, environment variable, default)."""
-    if readme is not None:
-        from .settings import update_readme
+    if docs is not None:
+        from .settings import update_settings_table
 
-        typer.echo("updated" if update_readme(readme) else "already up to date", err=True)
+        typer.echo("updated" if update_settings_table(docs) else "already up to date", err=True)
     elif markdown:
         typer.echo(settings_markdown())
     else:
@@ -242,22 +254,36 @@ def bench(
     model: Optional[str] = typer.Option(None, "--model", help="Model manifest name or path [default: settings]."),
     stages: Optional[str] = typer.Option(None, "--stages", help="Comma-separated subset of "
                                          "raw,pipeline,cache,end_to_end,naive,scaling,own_core [default: all]."),
+    engine: str = typer.Option("tansu", "--engine", help="Broker(s) for the broker stages: tansu, kafka, or "
+                               "tansu,kafka (each in turn; the report puts them side by side)."),
 ) -> None:
     """Throughput and latency: raw model, pipeline, end to end through a broker, naive agent,
     1 vs 2 workers, and the worker on a core of its own.
 
     The worker under test takes its settings from EMOSTREAM_* variables, so a lever is measured
-    by running the bench with it set (e.g. EMOSTREAM_BATCH_MAX=256)."""
-    from .bench import ALL_STAGES, BenchError, BenchOptions, run_bench
+    by running the bench with it set (e.g. EMOSTREAM_BATCH_MAX=256). Needs the bench extra."""
+    from emostream.bench import INSTALL_HINT, missing_extra
+
+    if (missing := missing_extra()) is not None:
+        typer.echo(f"emostream bench needs the bench extra ({missing} is not installed): {INSTALL_HINT}", err=True)
+        raise typer.Exit(1)
+    from emostream.bench.plan import ALL_STAGES, BenchError, BenchOptions
+    from emostream.bench.run import run_bench
+
+    from .broker import BrokerError
 
     setup_logging("warning")
     chosen = tuple(x.strip() for x in stages.split(",") if x.strip()) if stages else ALL_STAGES
     if unknown := set(chosen) - set(ALL_STAGES):
         typer.echo(f"unknown stage(s) {sorted(unknown)}; choose from {', '.join(ALL_STAGES)}", err=True)
         raise typer.Exit(2)
+    engines = tuple(x.strip() for x in engine.split(",") if x.strip())
+    if not engines or set(engines) - {"tansu", "kafka"}:
+        typer.echo(f"unknown engine(s) {engine!r}; choose tansu, kafka or tansu,kafka", err=True)
+        raise typer.Exit(2)
     try:
-        run_bench(BenchOptions(data=data, out=out, quick=quick, n=n, model=model, stages=chosen))
-    except BenchError as exc:
+        run_bench(BenchOptions(data=data, out=out, quick=quick, n=n, model=model, stages=chosen, engines=engines))
+    except (BenchError, BrokerError) as exc:
         typer.echo(f"bench failed: {exc}", err=True)
         raise typer.Exit(1) from exc
     typer.echo(f"wrote {out / 'bench.json'} and {out / 'bench.md'}", err=True)
@@ -267,7 +293,8 @@ def bench(
 def eval_cmd(
     data: Path = typer.Option(..., "--data", exists=True, dir_okay=False, help="GoEmotions-style .tsv (text, label ids)."),
     head: str = typer.Option("go_emotions", "--head", help="Head to score (go_emotions, ekman, sentiment, ...)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Model manifest name or path (default: the model setting's default)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model manifest name or path (default: the model "
+                                        "setting, EMOSTREAM_MODEL or its default)."),
     data_format: str = typer.Option("goemotions", "--format", help="goemotions: text + GoEmotions label ids, one "
                                     "head scored per label; check: a check set (id, language, one column per "
                                     "head, text), every head's top-label accuracy per language."),
@@ -284,12 +311,12 @@ def eval_cmd(
     if data_format not in ("goemotions", "check"):
         typer.echo(f"unknown --format {data_format!r}: goemotions or check", err=True)
         raise typer.Exit(2)
-    cache_dir = Settings.from_env().model_cache_dir
+    settings = Settings.from_env()
     try:
         if data_format == "check":
-            rep = evaluate_check(data, model=model, cache_dir=cache_dir)
+            rep = evaluate_check(data, model=model or settings.model, cache_dir=settings.model_cache_dir)
         else:
-            rep = evaluate(data, head=head, model=model, cache_dir=cache_dir)
+            rep = evaluate(data, head=head, model=model or settings.model, cache_dir=settings.model_cache_dir)
     except (EvalError, ManifestError, ValueError) as exc:
         typer.echo(f"eval failed: {exc}", err=True)
         raise typer.Exit(1) from exc
@@ -315,8 +342,109 @@ def train(ctx: typer.Context) -> None:
     raise typer.Exit(finetune_main(args))
 
 
-def main() -> None:
-    cli()
+@cli.command()
+@with_settings(("metrics_host", "metrics_port", "processes"))
+def healthcheck(settings: Settings) -> None:
+    """Exit 0 when the worker on this host answers /healthz with 200 (the container health check).
+
+    With --processes N, every worker process is asked, each on its own port. Its event loop must
+    have beaten within liveness_timeout_s: a stuck worker fails this check."""
+    import urllib.error
+    import urllib.request
+
+    from .processes import allowed_cores, plan
+
+    if not settings.metrics_port:
+        typer.echo("unhealthy: metrics_port is 0, so the worker serves no /healthz to ask", err=True)
+        raise typer.Exit(1)
+    host = settings.metrics_host if settings.metrics_host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    for child in plan(settings, allowed_cores()):
+        url = f"http://{host}:{child.overrides.get('metrics_port', settings.metrics_port)}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=4) as resp:
+                status, body = resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            status, body = exc.code, exc.read()
+        except OSError as exc:
+            typer.echo(f"unhealthy: {url}: {getattr(exc, 'reason', exc)}", err=True)
+            raise typer.Exit(1) from None
+        if status != 200:
+            typer.echo(f"unhealthy: {url} answered {status} {body.decode(errors='replace')}", err=True)
+            raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------------------------
+def user_error(exc: BaseException) -> str | None:
+    """One line for an error the user can fix (bad setting, model, extra, path, broker); None for a bug."""
+    from .alerts import AlertRuleError
+    from .broker import BrokerError
+    from emostream.models.manifest import ManifestError
+
+    if isinstance(exc, (SettingsError, ManifestError, AlertRuleError, BrokerError)):
+        return str(exc)
+    if isinstance(exc, ModuleNotFoundError) and exc.name and not exc.name.startswith("emostream"):
+        return missing_module(exc.name)
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+        return str(exc)
+    kafka_errors = sys.modules.get("aiokafka.errors")  # only set if a Kafka client ran
+    if kafka_errors is not None and isinstance(exc, kafka_errors.KafkaConnectionError):
+        return f"cannot reach the broker (check --broker / {env_name('broker')}): {exc}"
+    if kafka_errors is not None and isinstance(exc, kafka_errors.KafkaError):
+        return f"the broker refused: {type(exc).__name__}: {exc}"
+    return None
+
+
+# Import names whose distribution is called otherwise on PyPI.
+DISTRIBUTIONS = {"yaml": "pyyaml", "sklearn": "scikit-learn", "PIL": "pillow"}
+
+
+def missing_module(name: str) -> str:
+    """What to install for a missing module: the extra of emostream that brings it, if one does."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    top = name.split(".")[0]
+    dist = normalize(DISTRIBUTIONS.get(top, top))
+    try:
+        reqs = requires("emostream") or []
+    except PackageNotFoundError:
+        reqs = []
+    extras = []
+    for req in reqs:
+        m = re.match(r"\s*([A-Za-z0-9._-]+)", req)
+        extra = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", req)
+        if m and normalize(m.group(1)) == dist:
+            if extra is None:
+                return f"the Python module {top!r} (a dependency of emostream) is missing: reinstall emostream"
+            extras.append(extra.group(1))
+    if extras:
+        return f"this needs the Python module {top!r}, which is not installed: pip install 'emostream[{extras[0]}]'"
+    return f"this needs the Python module {top!r}, which is not installed"
+
+
+def normalize(dist: str) -> str:
+    return re.sub(r"[-_.]+", "-", dist).lower()
+
+
+def debug_requested(args: Sequence[str]) -> bool:
+    """--log-level debug on the command line, or EMOSTREAM_LOG_LEVEL=debug."""
+    for i, arg in enumerate(args):
+        if arg == "--log-level=debug" or (arg == "--log-level" and args[i + 1:i + 2] == ["debug"]):
+            return True
+    return os.environ.get(env_name("log_level"), "").lower() == "debug"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The ``emostream`` entry point: a user's mistake ends in one line and exit code 2."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cli(args=args, prog_name="emostream")
+    except Exception as exc:  # noqa: BLE001 - sorted into a user's mistake or a bug (re-raised)
+        message = user_error(exc)
+        if message is None or debug_requested(args):
+            raise
+        typer.echo(f"emostream: error: {message}", err=True)
+        sys.exit(EXIT_USER_ERROR)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from importlib import resources
@@ -17,7 +15,7 @@ from rich.table import Table
 
 from .broker import EmbeddedBroker
 from .kafka_io import consume, ensure_topics, produce
-from .settings import Settings, env_name
+from .settings import Settings, child_env, worker_command
 
 # A few records the worker must reject, to show the dead-letter topic at work.
 BAD_RECORDS = [b"this is not json", b'{"id": "no-text"}', b'{"text": "   "}', b"\xff\xfe broken utf-8"]
@@ -36,8 +34,8 @@ def run_demo(settings: Settings, count: int = 300, show: int = 8) -> int:
                                                 "include_text": True, "partitions": 4})
         console.print(f"[bold]emostream demo[/] — embedded broker on {broker.address}")
         asyncio.run(ensure_topics(settings, [settings.input_topic, settings.output_topic, settings.dlq_topic]))
-        env = {**os.environ, **settings.as_env(), env_name("log_level"): "warning"}  # keep the output readable
-        worker = subprocess.Popen([sys.executable, "-m", "emostream.worker.cli", "worker"], env=env)
+        env = child_env(settings, log_level="warning")  # keep the output readable
+        worker = subprocess.Popen(worker_command(), env=env)
         try:
             return _traffic(console, settings, worker, count, show)
         finally:

@@ -1,4 +1,5 @@
-"""Plain aiokafka producing and consuming for the CLI, the demo, the benchmark and the tests."""
+"""Kafka client configuration (one builder for every client), and plain aiokafka producing and
+consuming for the CLI, the demo, the benchmark and the tests."""
 
 from __future__ import annotations
 
@@ -13,7 +14,11 @@ from .settings import Settings
 
 
 def client_kwargs(settings: Settings) -> dict:
-    """Connection settings shared by every aiokafka client (security included)."""
+    """Connection settings shared by every Kafka client (security included), as aiokafka keywords.
+
+    The faust app's credentials are derived from these (:func:`faust_credentials`), so SASL and
+    TLS are set up in this one place.
+    """
     kw: dict = {"bootstrap_servers": settings.bootstrap_servers, "security_protocol": settings.security_protocol}
     if settings.security_protocol.startswith("SASL"):
         kw.update(sasl_mechanism=settings.sasl_mechanism, sasl_plain_username=settings.sasl_username,
@@ -28,13 +33,27 @@ def client_kwargs(settings: Settings) -> dict:
     return kw
 
 
-async def ensure_topics(settings: Settings, topics: Iterable[str], partitions: int | None = None) -> None:
-    """Create the topics that do not exist yet."""
+def faust_credentials(settings: Settings):
+    """The faust ``broker_credentials`` for :func:`client_kwargs`' security settings; None for PLAINTEXT."""
+    import faust
+
+    kw = client_kwargs(settings)
+    if settings.security_protocol.startswith("SASL"):
+        return faust.SASLCredentials(username=kw["sasl_plain_username"], password=kw["sasl_plain_password"],
+                                     mechanism=kw["sasl_mechanism"], ssl_context=kw.get("ssl_context"))
+    if "ssl_context" in kw:
+        return faust.SSLCredentials(kw["ssl_context"])
+    return None
+
+
+async def ensure_topics(settings: Settings, topics: Iterable[str], partitions: int | None = None,
+                        configs: dict[str, str] | None = None) -> None:
+    """Create the topics that do not exist yet (with topic ``configs``, e.g. max.message.bytes)."""
     admin = AIOKafkaAdminClient(**client_kwargs(settings))
-    await admin.start()
     try:
+        await admin.start()
         existing = set(await admin.list_topics())
-        new = [NewTopic(t, partitions or settings.partitions, settings.replication_factor)
+        new = [NewTopic(t, partitions or settings.partitions, settings.replication_factor, topic_configs=configs)
                for t in dict.fromkeys(topics) if t not in existing]
         if new:
             await admin.create_topics(new)
@@ -47,9 +66,9 @@ async def produce(settings: Settings, topic: str, records: Iterable[tuple[bytes 
     """Send (key, value) pairs and wait for every acknowledgement; returns the count."""
     producer = AIOKafkaProducer(acks="all", linger_ms=5, max_request_size=16 * 1024 * 1024,
                                 **client_kwargs(settings))
-    await producer.start()
     n = 0
     try:
+        await producer.start()
         pending = []
         for key, value in records:
             pending.append(await producer.send(topic, value=value, key=key))
@@ -74,8 +93,8 @@ async def consume(settings: Settings, topics: list[str], max_records: int | None
         enable_auto_commit=group_id is not None,
         isolation_level="read_committed" if read_committed else "read_uncommitted", **client_kwargs(settings),
     )
-    await consumer.start()
     try:
+        await consumer.start()
         n = 0
         last = time.monotonic()
         while max_records is None or n < max_records:

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import logging
 import sys
-from datetime import datetime, timezone
 from typing import IO, Any
 
 import orjson
+
+from .timestamps import iso_utc
 
 __all__ = ["configure_logging", "JsonFormatter", "PlainFormatter", "faust_worker_kwargs", "LIBRARY_LOGGERS"]
 
@@ -37,10 +38,6 @@ _STANDARD = frozenset(vars(logging.LogRecord("x", logging.INFO, "x", 0, "x", Non
 }
 
 _ORJSON_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
-
-
-def _ts(record: logging.LogRecord) -> str:
-    return datetime.fromtimestamp(record.created, tz=timezone.utc).isoformat(timespec="milliseconds")
 
 
 def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -60,7 +57,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         data: dict[str, Any] = {
-            "ts": _ts(record),
+            "ts": iso_utc(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": _message(record),
@@ -100,7 +97,7 @@ class PlainFormatter(logging.Formatter):
     """``<ts> <LEVEL> [<pid>] <logger>: <msg> key=value ...``; tracebacks follow on their own lines."""
 
     def format(self, record: logging.LogRecord) -> str:
-        line = f"{_ts(record)} {record.levelname:<7} [{record.process}] {record.name}: {_message(record)}"
+        line = f"{iso_utc(record.created)} {record.levelname:<7} [{record.process}] {record.name}: {_message(record)}"
         extras = extra_fields(record)
         if extras:
             line += " " + " ".join(f"{k}={_plain(v)}" for k, v in extras.items())

@@ -2,7 +2,7 @@
 
 ``Metrics()`` owns its own :class:`~prometheus_client.CollectorRegistry`, so tests (and several
 instances in one process) never clash with each other or with the library's global registry.
-Serve it with :class:`emostream.worker.health.HealthServer` (``/metrics``) or ``metrics.render()``.
+Serve it with :class:`emostream.worker.ops_server.OpsServer` (``/metrics``) or ``metrics.render()``.
 
 All metric names start with ``emostream_``; counters end in ``_total``, durations are in seconds.
 
@@ -28,13 +28,15 @@ emostream_assigned_partitions             gauge      input partitions assigned t
 
 from __future__ import annotations
 
-import threading
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder, generate_latest
 
 from emostream.schemas.records import ErrorCode
+
+if TYPE_CHECKING:
+    from .pipeline import BatchResult
 
 PREFIX = "emostream_"
 
@@ -96,9 +98,6 @@ class Metrics:
         self.assigned_partitions = Gauge(
             p + "assigned_partitions", "Input partitions currently assigned to this worker.", registry=r)
 
-        self._cache_seen = (0, 0)
-        self._cache_lock = threading.Lock()
-
         # Known series exist from the start (at 0), so rate() and alerts work before the first event.
         for code in ErrorCode:
             self.dead_letters.labels(code.value)
@@ -106,15 +105,14 @@ class Metrics:
             self.batch_tokens.labels(kind)
 
     # -- updates -------------------------------------------------------------------------------
-    def observe_batch(self, result: Any, published_at: float) -> None:
+    def observe_batch(self, result: BatchResult, published_at: float) -> None:
         """Account for one published batch (a ``pipeline.BatchResult``).
 
         ``published_at`` is the epoch time (``time.time()``) at which the broker had acknowledged
         every output of the batch. Tokens and inference time are observed only for batches that
         reached the model (an all-invalid batch has none). End-to-end latency is observed for
         every published record (output and dead letter) whose input carried a timestamp; clock
-        skew between producer and worker is clamped at 0. Optional ``result.cache_hits`` /
-        ``result.cache_misses`` attributes are counted when present.
+        skew between producer and worker is clamped at 0. Cache hits and misses are the batch's own.
         """
         size = int(result.size)
         self.records_in.inc(size)
@@ -134,31 +132,10 @@ class Metrics:
                 ts = out.source.timestamp
                 if ts is not None:
                     e2e.observe(max(0.0, published_at - ts))
-        hits = getattr(result, "cache_hits", 0)
-        misses = getattr(result, "cache_misses", 0)
-        if hits or misses:
-            self.observe_cache(hits, misses)
-
-    def observe_cache(self, hits: int = 0, misses: int = 0) -> None:
-        if hits:
-            self.cache_hits.inc(hits)
-        if misses:
-            self.cache_misses.inc(misses)
-
-    def sync_cache(self, stats: Mapping[str, Any]) -> None:
-        """Bring the cache counters up to cumulative totals, e.g. ``Enricher.cache_stats()``.
-
-        ``stats`` holds running ``hits`` / ``misses`` totals; the counters grow by the difference
-        since the previous call. A total lower than the last one seen means a new cache (model
-        reload): its totals count from zero. Call it after each batch (cheap).
-        """
-        hits, misses = int(stats.get("hits", 0)), int(stats.get("misses", 0))
-        with self._cache_lock:
-            last_h, last_m = self._cache_seen
-            if hits < last_h or misses < last_m:
-                last_h = last_m = 0
-            self._cache_seen = (hits, misses)
-        self.observe_cache(hits - last_h, misses - last_m)
+        if result.cache_hits:
+            self.cache_hits.inc(result.cache_hits)
+        if result.cache_misses:
+            self.cache_misses.inc(result.cache_misses)
 
     def observe_alerts(self, fired: Iterable[str]) -> None:
         """One record fired these rules (``alerts.evaluate``'s answer)."""

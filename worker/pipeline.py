@@ -13,24 +13,21 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Callable, Sequence
 
 import numpy as np
 import orjson
 
-from emostream.models.heads import HeadOutput
 from emostream.models.model import EmotionModel, Prediction
 from emostream.schemas.records import ErrorCode
 
-from .cache import CachedResult, HeadRow, ResultCache, disabled_stats, text_key
-from .alerts import Rule, alert_record, evaluate
+from .alerts import Rule, alert_field, evaluate, with_alert
+from .cache import CachedModel, CachedPrediction, ResultCache, disabled_stats
 from .decode import RawMessage, Rejected, ValidRecord, decode
 from .settings import Settings
+from .timestamps import iso_utc
 
 log = logging.getLogger(__name__)
-
-RESERVED = ("id", "emotions", "model", "source", "processed_at")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,20 +47,18 @@ class BatchResult:
     dlq_reasons: Counter = field(default_factory=Counter)
     tokens: int = 0
     padded_tokens: int = 0
-    inference_s: float = 0.0
+    inference_s: float = 0.0  # model calls only (tokenize, embed, heads, failure isolation)
     size: int = 0
     alerts: list[Outgoing] = field(default_factory=list)  # copies of outputs that matched a rule
     alerts_fired: Counter = field(default_factory=Counter)  # rule name → matches in this batch
-
-
-def iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds")
+    cache_hits: int = 0  # records answered from the result cache (0 with the cache off)
+    cache_misses: int = 0  # distinct texts the model computed with the cache on
 
 
 def source_of(msg: RawMessage) -> dict:
-    return {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset, "timestamp": iso(msg.timestamp)}
+    ts = msg.timestamp
+    return {"topic": msg.topic, "partition": msg.partition, "offset": msg.offset,
+            "timestamp": None if ts is None else iso_utc(ts)}
 
 
 class Enricher:
@@ -89,17 +84,18 @@ class Enricher:
             self._swapping = True
             try:
                 self._gate.wait_for(lambda: self._active == 0)
+                if self.cache is not None:
+                    self.cache.clear()  # cached results belong to the old model
+                    model = CachedModel(model, self.cache)
                 self.model = model
                 self.model_info = model.info
                 self._labels = {h.name: h.labels for h in model.heads}
-                if self.cache is not None:
-                    self.cache.clear()  # cached results belong to the old model
             finally:
                 self._swapping = False
                 self._gate.notify_all()
 
     def cache_stats(self) -> dict:
-        """Hits, misses, hit rate, entries and evictions of the result cache (``enabled`` False when off)."""
+        """Hits, misses, hit rate, entries and evictions of the result cache over its life (``enabled`` False when off)."""
         return self.cache.stats() if self.cache is not None else disabled_stats()
 
     # -- steps -------------------------------------------------------------------------------
@@ -128,9 +124,10 @@ class Enricher:
                 valid.append(rec)
         if valid:
             t0 = time.perf_counter()
-            for group, pred in self._predict_isolating_failures(valid, result):
-                self._build(group, pred, result)
+            predicted = list(self._predict_isolating_failures(valid, result))
             result.inference_s = time.perf_counter() - t0
+            for group, pred in predicted:
+                self._build(group, pred, result)
         return result
 
     def _predict_isolating_failures(self, records: list[ValidRecord], result: BatchResult):
@@ -141,7 +138,7 @@ class Enricher:
         bad record, and there is no retry loop that could spin forever.
         """
         try:
-            pred = self._predict([r.text for r in records])
+            pred = self.model.predict([r.text for r in records], max_tokens=self.settings.batch_max_tokens)
         except Exception as exc:  # noqa: BLE001 - any model error isolates, never kills the worker
             if len(records) == 1:
                 log.warning("inference failed for record %s: %r", records[0].id, exc)
@@ -155,61 +152,10 @@ class Enricher:
             return
         result.tokens += pred.tokens
         result.padded_tokens += pred.padded_tokens
+        if isinstance(pred, CachedPrediction):
+            result.cache_hits += pred.cache_hits
+            result.cache_misses += pred.cache_misses
         yield records, pred
-
-    def _predict(self, texts: list[str]) -> Prediction:
-        if self.cache is None:
-            return self.model.predict(texts, max_tokens=self.settings.batch_max_tokens)
-        return self._predict_cached(texts)
-
-    def _predict_cached(self, texts: list[str]) -> Prediction:
-        """Look texts up first, run the model on the misses only (each distinct text once), insert them.
-
-        Rows served from the cache are the stored rows of the first computation, so a hit's
-        output equals what that text produced when it missed.
-        """
-        cache = self.cache
-        keys = [text_key(t) for t in texts]
-        found: list[CachedResult | None] = []
-        miss_row: dict[bytes, int] = {}  # key → row in the model's output
-        miss_texts: list[str] = []
-        for key, text in zip(keys, texts):
-            if key in miss_row:  # the same text earlier in this batch: computed once
-                cache.count_hit()
-                found.append(None)
-                continue
-            entry = cache.get(key)
-            found.append(entry)
-            if entry is None:
-                miss_row[key] = len(miss_texts)
-                miss_texts.append(text)
-        pred = None
-        if miss_texts:
-            pred = self.model.predict(miss_texts, max_tokens=self.settings.batch_max_tokens)
-            for key, j in miss_row.items():
-                cache.put(key, CachedResult(
-                    pred.embeddings[j].copy(),
-                    {name: HeadRow(out.probs[j].copy(), out.selected[j].copy(), int(out.top[j]))
-                     for name, out in pred.heads.items()},
-                ))
-            if len(miss_texts) == len(texts):
-                return pred
-        # Assemble rows in input order: from the model's output for misses, the cache for hits.
-        hit = [found[i] is not None for i in range(len(texts))]
-        src = [found[i] if hit[i] else miss_row[keys[i]] for i in range(len(texts))]
-        embeddings = np.stack([s.embedding if h else pred.embeddings[s] for s, h in zip(src, hit)])
-        heads: dict[str, HeadOutput] = {}
-        for name in self._labels:
-            rows = [s.heads[name] if h else None for s, h in zip(src, hit)]
-            out = pred.heads[name] if pred is not None else None
-            heads[name] = HeadOutput(
-                np.stack([r.probs if h else out.probs[s] for r, s, h in zip(rows, src, hit)]),
-                np.stack([r.selected if h else out.selected[s] for r, s, h in zip(rows, src, hit)]),
-                np.array([r.top if h else int(out.top[s]) for r, s, h in zip(rows, src, hit)], dtype=np.int64),
-            )
-        tokens = pred.tokens if pred is not None else 0
-        padded = pred.padded_tokens if pred is not None else 0
-        return Prediction(embeddings, heads, tokens, padded)
 
     def _build(self, records: list[ValidRecord], pred: Prediction, result: BatchResult) -> None:
         decimals = self.settings.score_decimals
@@ -218,7 +164,7 @@ class Enricher:
             labels = self._labels[name]
             per_head.append((name, labels, np.round(out.probs.astype(np.float64), decimals).tolist(), out.selected, out.top.tolist()))
         now_s = self.clock()
-        now = iso(now_s)
+        now = iso_utc(now_s)
         include_text = self.settings.include_text
         emb_mode = self.settings.embedding_output
         rules = self.rules
@@ -255,8 +201,12 @@ class Enricher:
             if rules:
                 fired = evaluate(rules, emotions)
                 if fired:
-                    result.alerts.append(Outgoing(rec.msg.key, orjson.dumps(
-                        alert_record(record, fired, now_s), option=orjson.OPT_SERIALIZE_NUMPY), rec.id, rec.msg))
+                    if "alert" in record:  # a passthrough field of that name: the alert replaces it
+                        alert = orjson.dumps({**record, "alert": alert_field(fired, now_s)},
+                                             option=orjson.OPT_SERIALIZE_NUMPY)
+                    else:
+                        alert = with_alert(value, fired, now_s)
+                    result.alerts.append(Outgoing(rec.msg.key, alert, rec.id, rec.msg))
                     result.alerts_fired.update(fired)
 
     def _dead_letter(self, result: BatchResult, rej: Rejected) -> None:
@@ -270,7 +220,7 @@ class Enricher:
             "original_truncated": value is not None and len(value) > limit,
             "key": None if rej.msg.key is None else base64.b64encode(rej.msg.key).decode("ascii"),
             "source": source_of(rej.msg),
-            "failed_at": iso(self.clock()),
+            "failed_at": iso_utc(self.clock()),
         }
         result.dead_letters.append(Outgoing(rej.msg.key, orjson.dumps(record), rej.id, rej.msg))
         result.dlq_reasons[rej.code.value] += 1

@@ -16,14 +16,11 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 from dataclasses import dataclass
 
-from emostream.models.encoder import cpu_cores
-
 from .logging_setup import configure_logging
-from .settings import Settings, env_name
+from .settings import Settings, child_env, worker_command
 
 log = logging.getLogger("emostream.worker")
 
@@ -44,6 +41,8 @@ def allowed_cores() -> list[int]:
     try:
         return sorted(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
+        from emostream.models.encoder import cpu_cores
+
         return list(range(cpu_cores()))
 
 
@@ -69,13 +68,6 @@ def plan(settings: Settings, cores: list[int]) -> list[Child]:
     return children
 
 
-def child_env(settings: Settings, child: Child, environ: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in (os.environ if environ is None else environ).items() if not k.startswith("EMOSTREAM_")}
-    env.update(settings.as_env())
-    env.update({env_name(k): v for k, v in child.overrides.items()})
-    return env
-
-
 def _spawn(settings: Settings, child: Child) -> subprocess.Popen:
     libc = ctypes.CDLL(None, use_errno=True)
 
@@ -85,8 +77,8 @@ def _spawn(settings: Settings, child: Child) -> subprocess.Popen:
             os.sched_setaffinity(0, child.cores)  # every thread it starts inherits the mask
 
     # Its own process group: Ctrl-C reaches only this command, which stops each child once.
-    return subprocess.Popen([sys.executable, "-m", "emostream.worker.cli", "worker"],
-                            env=child_env(settings, child), preexec_fn=prepare, process_group=0)
+    return subprocess.Popen(worker_command(), env=child_env(settings, **child.overrides), preexec_fn=prepare,
+                            process_group=0)
 
 
 def exit_code(returncode: int) -> int:

@@ -12,12 +12,12 @@ import faust
 from emostream.models.model import EmotionModel
 
 from .alerts import load_rules, validate
-from .app import ExitRequest, create_app
+from .app import Shutdown, create_app
 from .faults import FailOnMarker
-from .health import HealthServer
 from .kafka_io import ensure_topics
 from .logging_setup import configure_logging, faust_worker_kwargs
 from .metrics import Metrics
+from .ops_server import Heartbeat, OpsServer
 from .pipeline import Enricher
 from .reload import Reloader
 from .settings import Settings
@@ -71,7 +71,7 @@ def heads_of(model) -> dict[str, list[str]]:
     return {h.name: h.labels for h in model.heads}
 
 
-def banner(settings: Settings, model, rules, health) -> None:
+def banner(settings: Settings, model, rules, ops) -> None:
     info = model.info
     lines = [
         f"emostream worker: {settings.input_topic} -> {settings.output_topic} "
@@ -81,7 +81,7 @@ def banner(settings: Settings, model, rules, health) -> None:
         f"{info['backbone']['version']}, heads {', '.join(f'{k} {v}' for k, v in info['heads'].items())}",
         f"  batches of {settings.batch_max} / {settings.batch_window_ms:g} ms, {settings.batch_max_tokens} tokens; "
         f"cache {settings.cache_size or 'off'}; alert rules {', '.join(r.name for r in rules) or 'none'}",
-        f"  metrics/health {health.url if health else 'off'}",
+        f"  metrics/health {ops.url if ops else 'off'}",
     ]
     log.warning("\n".join(lines), extra={"settings": settings.redacted()})
     log.info("settings in effect: %s", settings.redacted())
@@ -91,10 +91,11 @@ def run_worker(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code."""
     configure_logging(settings.log_level, json=settings.log_format == "json")
     metrics = Metrics()
-    health = None
+    ops = None
     if settings.metrics_port:
         try:
-            health = HealthServer(metrics, settings.metrics_host, settings.metrics_port).start()
+            ops = OpsServer(metrics, Heartbeat(settings.liveness_timeout_s), settings.metrics_host,
+                            settings.metrics_port).start()
         except OSError as exc:
             log.error("cannot serve metrics/health on %s:%d (%s); choose another EMOSTREAM_METRICS_PORT "
                       "(0 = off)", settings.metrics_host, settings.metrics_port, exc)
@@ -102,8 +103,8 @@ def run_worker(settings: Settings) -> int:
     model = load_model(settings)
     rules = load_rules(settings.alert_rules, heads=heads_of(model)) if settings.alert_rules else []
     metrics.set_model(model.info)
-    if health is not None:
-        health.set_model_loaded(True)
+    if ops is not None:
+        ops.set_model_loaded(True)
     wrap = (lambda m: m)
     if settings.fault_fail_text:
         log.warning("fault injection on: inference fails for texts containing %r", settings.fault_fail_text)
@@ -115,13 +116,13 @@ def run_worker(settings: Settings) -> int:
     enricher = Enricher(wrap(model), settings, cache_size=settings.cache_size, rules=rules)
     reloader = Reloader(model, settings.model, settings.reload_poll_s, wrap=wrap,
                         rules_check=(lambda m: validate(rules, heads_of(m))) if rules else None)
-    exit_request = ExitRequest()
+    shutdown = Shutdown()
     datadir = tempfile.TemporaryDirectory(prefix="emostream-faust-")  # faust wants a data dir; nothing is kept
-    app = create_app(settings, enricher, exit_request, metrics=metrics, health=health, reloader=reloader,
+    app = create_app(settings, enricher, shutdown, metrics=metrics, ops=ops, reloader=reloader,
                      datadir=datadir.name)
     worker = faust.Worker(app, **faust_worker_kwargs(settings.log_level))
     worker.spinner = None  # faust's terminal spinner writes escape codes into our (JSON) logs
-    banner(settings, model, rules, health)
+    banner(settings, model, rules, ops)
     code = 0
     try:
         worker.execute_from_commandline()
@@ -129,7 +130,7 @@ def run_worker(settings: Settings) -> int:
         code = int(exc.code or 0)
     finally:
         app.emostream_executor.shutdown(wait=False)  # type: ignore[attr-defined]
-        if health is not None:
-            health.stop()
+        if ops is not None:
+            ops.stop()
         datadir.cleanup()
-    return exit_request.code or code
+    return shutdown.code or code

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from typing import Callable, Iterable, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Sequence
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import ProducerFenced
@@ -29,7 +29,9 @@ from aiokafka.structs import TopicPartition
 
 from .decode import RawMessage
 from .kafka_io import client_kwargs
+from .metrics import Metrics
 from .pipeline import BatchResult, Outgoing
+from .publishing import Publisher
 from .settings import Settings
 
 log = logging.getLogger("emostream.worker")
@@ -69,16 +71,20 @@ async def probe(factory: ProducerFactory, transactional_id: str, timeout_s: floa
             pass
 
 
-class TransactionalPublisher:
+class ExactlyOncePublisher(Publisher):
     """One transactional producer per assigned input partition; one transaction per partition per batch."""
 
-    def __init__(self, factory: ProducerFactory, group_id: str, output_topic: str, dlq_topic: str,
-                 alerts_topic: str):
+    retry_note = " (exactly_once: partitions already committed are not sent again)"
+
+    def __init__(self, factory: ProducerFactory, settings: Settings, metrics: Metrics,
+                 exit_with: Callable[[int, str], None], sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep):
+        super().__init__(settings, metrics, exit_with, sleep)
         self.factory = factory
-        self.group_id = group_id
-        self.topics = (output_topic, dlq_topic, alerts_topic)
+        self.group_id = settings.group_id
+        self.topics = (settings.output_topic, settings.dlq_topic, settings.alerts_topic)
         self.producers: dict[TopicPartition, AIOKafkaProducer] = {}
         self.fenced: set[TopicPartition] = set()
+        self.assigned: set[TopicPartition] | None = None  # None: not told yet (every partition counts as ours)
 
     def transactional_id(self, tp: TopicPartition) -> str:
         return f"{self.group_id}-{tp.topic}-{tp.partition}"
@@ -91,41 +97,40 @@ class TransactionalPublisher:
             self.producers[tp] = producer
         return producer
 
-    async def publish(self, batch: Sequence[RawMessage], result: BatchResult,
-                      done: set[TopicPartition] | None = None) -> list[TopicPartition]:
+    async def _publish_once(self, messages: Sequence[RawMessage], result: BatchResult,
+                            progress: set) -> None:
         """Commit each partition's records together with its next input offset.
 
-        Returns the partitions that were fenced (now owned by another worker) and therefore
-        skipped. Raises on any other failure, after aborting the open transaction. The caller
-        retries with the same ``done`` set: partitions committed by an earlier try are added to
-        it and not sent again.
+        ``progress`` holds the partitions whose transaction an earlier try of this batch committed:
+        they are not sent again. A partition fenced or no longer assigned (now owned by another
+        worker) is skipped and its records left to the new owner. Any other failure aborts the open
+        transaction and raises.
         """
-        done = set() if done is None else done
         offsets: dict[TopicPartition, int] = {}
-        for m in batch:
+        for m in messages:
             tp = TopicPartition(m.topic, m.partition)
             offsets[tp] = max(offsets.get(tp, -1), m.offset + 1)
         records: dict[TopicPartition, list[tuple[str, Outgoing]]] = defaultdict(list)
         for topic, outs in zip(self.topics, (result.outputs, result.dead_letters, result.alerts)):
             for o in outs:
                 records[TopicPartition(o.source.topic, o.source.partition)].append((topic, o))
-        skipped = []
         for tp in sorted(offsets):
-            if tp in done:
+            if tp in progress or tp in self.fenced:
                 continue
-            if tp in self.fenced:
-                skipped.append(tp)
+            if self.assigned is not None and tp not in self.assigned:
+                # A zombie that wakes up after its partitions moved: starting a producer for tp now
+                # would fence the new owner's, and committing would repeat what it already did.
+                log.warning("%s is no longer assigned to this worker; its %d record(s) of this batch are left to "
+                            "the new owner", tp, len(records.get(tp, ())))
                 continue
             try:
                 await self._commit(tp, records.get(tp, ()), offsets[tp])
-                done.add(tp)
+                progress.add(tp)
             except ProducerFenced:
                 log.warning("transactional producer for %s was fenced (partition moved to another worker); "
                             "its %d record(s) of this batch are left to the new owner", tp, len(records.get(tp, ())))
                 self.fenced.add(tp)
                 await self._drop(tp)
-                skipped.append(tp)
-        return skipped
 
     async def _commit(self, tp: TopicPartition, records: Iterable[tuple[str, Outgoing]], next_offset: int) -> None:
         producer = await self._producer(tp)
@@ -155,14 +160,20 @@ class TransactionalPublisher:
                 pass
 
     async def on_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        """A partition assigned (again) to us starts with a fresh producer, which fences any zombie."""
-        for tp in assigned:
+        """The new assignment. A partition assigned (again) to us starts with a fresh producer,
+        which fences any zombie."""
+        self.assigned = {TopicPartition(tp.topic, tp.partition) for tp in assigned}
+        for tp in self.assigned:
             self.fenced.discard(tp)
 
     async def on_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        """Stop the producers of partitions we no longer own."""
+        """Stop the producers of partitions we no longer own; batches still holding their records
+        leave them to the new owner."""
         for tp in list(revoked):
-            await self._drop(TopicPartition(tp.topic, tp.partition))
+            tp = TopicPartition(tp.topic, tp.partition)
+            if self.assigned is not None:
+                self.assigned.discard(tp)
+            await self._drop(tp)
 
     async def stop(self) -> None:
         for tp in list(self.producers):

@@ -1,12 +1,21 @@
-"""A tiny HTTP server for operations: ``/metrics``, ``/healthz`` and ``/readyz``.
+"""The worker's operations endpoints over HTTP: ``/metrics``, ``/healthz`` and ``/readyz``.
 
-It runs the stdlib ``ThreadingHTTPServer`` in a daemon thread, so it never touches (or blocks)
-the asyncio loop of the faust worker; the setters are plain attribute writes, safe to call from
-any thread or from the loop.
+It runs the stdlib ``ThreadingHTTPServer`` in a daemon thread, so a request never waits on (or
+blocks) the asyncio loop of the faust worker; the setters are plain attribute writes, safe to call
+from any thread or from the loop.
 
 * ``GET /metrics`` — Prometheus exposition of ``Metrics.registry`` (OpenMetrics when asked for
   in ``Accept``).
-* ``GET /healthz`` — liveness: 200 ``{"status": "ok"}`` as long as the process serves requests.
+* ``GET /healthz`` — liveness. Answered from this thread, so "the server answers" proves nothing
+  about the worker; instead the event loop beats a :class:`Heartbeat` every second (every quarter
+  of the timeout, if that is shorter), and once the last beat is older than ``liveness_timeout_s`` the answer is 503 (a stuck loop
+  consumes, publishes and commits nothing; the orchestrator should restart it)::
+
+      200 {"status": "ok", "last_beat_s": 0.31}
+      503 {"status": "stalled", "last_beat_s": 42.0, "timeout_s": 30.0}
+
+  Before the loop's first beat (loading the model, waiting for the broker) it answers
+  200 ``{"status": "starting"}``.
 * ``GET /readyz`` — readiness: 200 when the model is loaded *and* at least one input partition
   is assigned, else 503; the JSON body says what is missing::
 
@@ -17,26 +26,61 @@ any thread or from the loop.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 
 from .metrics import Metrics
 
-log = logging.getLogger("emostream.health")
+log = logging.getLogger("emostream.ops")
 
 JSON = "application/json"
+
+
+class Heartbeat:
+    """When the event loop last ran: it calls :meth:`beat`; any thread asks :meth:`state`."""
+
+    def __init__(self, timeout_s: float, clock: Callable[[], float] = time.monotonic):
+        self.timeout_s = timeout_s
+        self.clock = clock
+        self._last: float | None = None  # None: not beaten yet (starting)
+
+    @property
+    def interval_s(self) -> float:
+        """How often the loop beats: often enough that a beat is never the reason for a stale one."""
+        return min(1.0, self.timeout_s / 4)
+
+    def beat(self) -> None:
+        self._last = self.clock()
+
+    def state(self) -> dict[str, Any]:
+        """``{"status": "starting" | "ok" | "stalled", ...}``: what ``/healthz`` answers."""
+        last = self._last
+        if last is None:
+            return {"status": "starting"}
+        age = round(self.clock() - last, 3)
+        if age > self.timeout_s:
+            return {"status": "stalled", "last_beat_s": age, "timeout_s": self.timeout_s}
+        return {"status": "ok", "last_beat_s": age}
+
+    async def run(self) -> None:
+        """Beat from the running loop until cancelled."""
+        while True:
+            self.beat()
+            await asyncio.sleep(self.interval_s)
 
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address, handler, owner: "HealthServer"):
+    def __init__(self, address, handler, owner: "OpsServer"):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.owner = owner
@@ -45,7 +89,7 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
-    server_version = "emostream-health"
+    server_version = "emostream-ops"
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
@@ -67,7 +111,8 @@ class _Handler(BaseHTTPRequestHandler):
                 data, ctype = owner.metrics.render(self.headers.get("Accept"))
                 self._send(200, data, ctype, body)
             elif path == "/healthz":
-                self._send(200, orjson.dumps({"status": "ok"}), JSON, body)
+                state = owner.heartbeat.state()
+                self._send(503 if state["status"] == "stalled" else 200, orjson.dumps(state), JSON, body)
             elif path == "/readyz":
                 state = owner.readiness()
                 self._send(200 if state["ready"] else 503, orjson.dumps(state), JSON, body)
@@ -93,15 +138,17 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s %s", self.address_string(), format % args)
 
 
-class HealthServer:
+class OpsServer:
     """``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port`` (port 0: a free port, see ``.port``).
 
-    Readiness is fed by :meth:`set_model_loaded` and :meth:`set_partitions`; both also update the
-    ``emostream_ready`` and ``emostream_assigned_partitions`` gauges of ``metrics``.
+    Liveness is the ``heartbeat`` the event loop beats. Readiness is fed by :meth:`set_model_loaded`
+    and :meth:`set_partitions`; both also update the ``emostream_ready`` and
+    ``emostream_assigned_partitions`` gauges of ``metrics``.
     """
 
-    def __init__(self, metrics: Metrics, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, metrics: Metrics, heartbeat: Heartbeat, host: str = "127.0.0.1", port: int = 0):
         self.metrics = metrics
+        self.heartbeat = heartbeat
         self.host = host
         self._port = port
         self._model_loaded = False
@@ -150,15 +197,15 @@ class HealthServer:
             host = f"[{host}]"
         return f"http://{host}:{self.port}"
 
-    def start(self) -> "HealthServer":
+    def start(self) -> "OpsServer":
         """Bind (raises ``OSError`` at once if the port is taken) and serve in a daemon thread."""
         if self._server is not None:
             return self
         self._server = _Server((self.host, self._port), _Handler, self)
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="emostream-health", daemon=True)
+                                        name="emostream-ops", daemon=True)
         self._thread.start()
-        log.info("health server on %s (/metrics, /healthz, /readyz)", self.url)
+        log.info("operations server on %s (/metrics, /healthz, /readyz)", self.url)
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -172,7 +219,7 @@ class HealthServer:
             thread.join(timeout)
         self._server = self._thread = None
 
-    def __enter__(self) -> "HealthServer":
+    def __enter__(self) -> "OpsServer":
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib
 import orjson
 
 RSS_LIMIT_MB = 500.0
@@ -20,10 +21,10 @@ def _get(d: dict, *path, default=None):
 
 
 def evaluate_targets(results: dict) -> list[dict]:
-    """The issue's four targets: each with what was measured and whether it was met (None: not
-    measured) for the worker as configured, sharing the machine with the broker and the bench;
-    under ``own_core`` the same for the worker on a core of its own against the raw model and the
-    naive agent on that core, when that stage ran."""
+    """The four performance targets (docs/performance.md): each with what was measured and whether
+    it was met (None: not measured) for the worker as configured, sharing the machine with the
+    broker and the bench; under ``own_core`` the same for the worker on a core of its own against
+    the raw model and the naive agent on that core, when that stage ran."""
     main = _targets_for(results.get("end_to_end") or {}, _get(results, "raw", "best", "texts_per_s"),
                         _get(results, "naive", "flat_out", "texts_per_s"))
     own = results.get("own_core") or {}
@@ -142,6 +143,69 @@ def _lat(l: dict) -> str:
     return f"{l['p50_ms']:.0f} / {l['p95_ms']:.0f} / {l['p99_ms']:.0f} ms"
 
 
+def _engines_section(results: dict) -> list[str]:
+    """The broker stages' headline figures and the targets, one column per broker engine."""
+    engines = results.get("engines") or {}
+    if len(engines) < 2:
+        return []
+    names = list(engines)
+    raw = _get(results, "raw", "best", "texts_per_s")
+    lines = ["## Brokers side by side", "",
+             f"The broker stages ran once on each engine, one after the other, with the same worker settings. "
+             f"Sections 3-5 show the first (`{names[0]}`) in full; `bench.json` holds every engine's "
+             "(`engines`). Tansu holds a fetch until its wait ends; Apache Kafka answers one as soon as data "
+             "arrives.", "",
+             "| measure | " + " | ".join(f"`{n}`" for n in names) + " |", "| --- |" + " --- |" * len(names)]
+
+    def row(label: str, cell) -> None:
+        cells = []
+        for n in names:
+            try:
+                cells.append(cell(engines[n]))
+            except (KeyError, TypeError):
+                cells.append("—")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    def flat(e):
+        x = e["end_to_end"]["flat_out"]["texts_per_s"]
+        return f"{x:.1f}" + (f" ({x / raw:.0%} of raw)" if raw else "")
+
+    def cpu(key):
+        return lambda e: f"{e['end_to_end']['flat_out']['cpu_cores_used'][key]:.2f}"
+
+    def own(e):
+        w, r = e["own_core"]["worker"]["flat_out"]["texts_per_s"], e["own_core"]["raw"]["best"]["texts_per_s"]
+        return f"{w:.1f} vs {r:.1f} = {w / r:.0%}"
+
+    def own_p99(e):
+        w = e["own_core"]["worker"]
+        return f"{w['open_loop']['latency']['p99_ms']:.0f} vs {w['latency_budget']['p99_bound_ms']:.0f} ms"
+
+    row("end to end, flat out (texts/s)", flat)
+    row("naive per-message agent (texts/s)", lambda e: f"{e['naive']['flat_out']['texts_per_s']:.1f}")
+    row("open loop at half capacity, p50 / p95 / p99", lambda e: _lat(e["end_to_end"]["open_loop"]["latency"]))
+    row("p99 bound: window + 2 × one batch's inference",
+        lambda e: f"{e['end_to_end']['latency_budget']['p99_bound_ms']:.0f} ms")
+    row("CPU during flat out: broker (cores)", cpu("broker"))
+    row("CPU during flat out: bench producer + consumer (cores)", cpu("bench_client"))
+    row("CPU during flat out: worker (cores)", cpu("workers"))
+    row("worker on a core of its own vs raw model on it", own)
+    row("worker on a core of its own: p99 at half capacity vs bound", own_p99)
+    row("worker peak RSS", lambda e: f"{e['end_to_end']['max_peak_rss_mb']:.0f} MB")
+    lines += ["", "Targets per engine (measured; met):", "",
+              "| target | " + " | ".join(f"`{n}`" for n in names) + " |", "| --- |" + " --- |" * len(names)]
+    for i, t in enumerate(engines[names[0]].get("targets", [])):
+        cells = []
+        for n in names:
+            d = engines[n]["targets"][i]
+            mine = f"{d['measured']}; {_yes(d['met'])}"
+            if "own_core" in d:
+                mine += f" · own core: {d['own_core']['measured']}; {_yes(d['own_core']['met'])}"
+            cells.append(mine)
+        lines.append(f"| {t['target']} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def markdown(results: dict, plots: dict[str, str] | None = None) -> str:
     meta = results["meta"]
     host = meta["host"]
@@ -156,7 +220,7 @@ def markdown(results: dict, plots: dict[str, str] | None = None) -> str:
         f"{'quick' if meta['quick'] else 'full'} run, {meta.get('duration_s', 0):.0f} s · settings: batch_max "
         f"{s['batch_max']}, window {s['batch_window_ms']:g} ms, token budget {s['batch_max_tokens']}, "
         f"inference streams {s['inference_streams']} × threads {s['inference_threads']} (0 = auto), "
-        f"{s['partitions']} partitions",
+        f"{s['partitions']} partitions · broker: {', '.join(meta.get('engines', ['tansu']))}",
         "",
         "## Targets",
         "",
@@ -186,6 +250,7 @@ def markdown(results: dict, plots: dict[str, str] | None = None) -> str:
                   "the naive agent on that same core: the worker's own overhead, without the load generator "
                   "taking the model's CPU."]
     lines.append("")
+    lines += _engines_section(results)
 
     # 1. raw
     lines += ["## 1. Raw model (tokenization + ONNX backbone session)", ""]
@@ -193,7 +258,11 @@ def markdown(results: dict, plots: dict[str, str] | None = None) -> str:
     if (skip := _skip_line(raw)):
         lines += [skip, ""]
     else:
-        lines += ["| intra-op threads × concurrent calls | batch size | token budget | order / session | texts/s | calls | padded / real tokens |",
+        lines += ["Batches of ≤ *batch size* texts, in arrival order or taken from the whole set sorted by token "
+                  "length first (every batch as even as the texts allow), each through the worker's own "
+                  "`Encoder.embed`: sorted by length, cut into sub-batches within the token budget, run on the "
+                  "concurrent calls. *calls* counts the session calls that made.", "",
+                  "| intra-op threads × concurrent calls | batch size | token budget | order / session | texts/s | calls | padded / real tokens |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         best = raw["best"]
         for v in raw["variants"]:
@@ -312,7 +381,7 @@ def markdown(results: dict, plots: dict[str, str] | None = None) -> str:
                 f"arrives; the embedded Tansu broker holds it, so records wait in the broker for up to that long "
                 f"and the worker idles. The second rows are the same worker with only that value changed.", ""]
     # 4. naive
-    lines += ["## 4. Naive per-message agent (`python -m emostream.worker.naive_agent`)", ""]
+    lines += ["## 4. Naive per-message agent (`python -m emostream.bench.naive_agent`)", ""]
     naive = results.get("naive", {})
     if (skip := _skip_line(naive)):
         lines += [skip, ""]
@@ -435,8 +504,6 @@ def _case_threads(case: dict) -> str:
 
 # --------------------------------------------------------------------------------------------
 def write_plots(results: dict, out: Path) -> dict[str, Path]:
-    import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -13,7 +13,7 @@ producer before committing, so delivery is at-least-once here too.
 
 Run with the same ``EMOSTREAM_*`` variables as the worker::
 
-    python -m emostream.worker.naive_agent
+    python -m emostream.bench.naive_agent
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import sys
 
 import faust
 
-from .app import faust_config
-from .batching import to_raw
-from .pipeline import Enricher
-from .runner import load_model, wait_for_broker
-from .settings import Settings
+from emostream.worker.app import faust_config
+from emostream.worker.batching import to_raw
+from emostream.worker.pipeline import Enricher
+from emostream.worker.runner import load_model, wait_for_broker
+from emostream.worker.settings import Settings
 
 log = logging.getLogger("emostream.naive")
 
