@@ -40,8 +40,8 @@ from .manifest import BackboneSpec, ManifestError
 
 log = logging.getLogger(__name__)
 
-#: Where assembled backbones go unless a cache directory is given (worker setting
-#: ``model_cache_dir``, env ``EMOSTREAM_MODEL_CACHE_DIR``).
+#: Where assembled backbones go unless a cache directory is given (the worker's ``cache_dir``
+#: setting, env ``EMOSTREAM_CACHE_DIR``, has the same default).
 DEFAULT_CACHE_DIR = "~/.cache/emostream"
 #: Bumped when what an entry holds changes (older entries are then left alone, not reused).
 FORMAT = 1

@@ -27,7 +27,7 @@ cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Enrich Kafka text events with emotion scores.")
 
 ALL_FIELDS = tuple(Settings.model_fields)
-MODEL_FIELDS = ("model", "model_cache_dir", "inference_threads", "inference_streams", "providers", "batch_max_tokens", "include_text", "score_decimals",
+MODEL_FIELDS = ("model", "cache_dir", "inference_threads", "inference_streams", "providers", "batch_max_tokens", "include_text", "score_decimals",
                 "max_text_chars", "max_record_bytes", "log_level")
 CONNECTION_FIELDS = ("broker", "security_protocol", "sasl_mechanism", "sasl_username", "sasl_password",
                      "ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_key_password", "partitions",
@@ -314,9 +314,9 @@ def eval_cmd(
     settings = Settings.from_env()
     try:
         if data_format == "check":
-            rep = evaluate_check(data, model=model or settings.model, cache_dir=settings.model_cache_dir)
+            rep = evaluate_check(data, model=model or settings.model, cache_dir=settings.cache_dir)
         else:
-            rep = evaluate(data, head=head, model=model or settings.model, cache_dir=settings.model_cache_dir)
+            rep = evaluate(data, head=head, model=model or settings.model, cache_dir=settings.cache_dir)
     except (EvalError, ManifestError, ValueError) as exc:
         typer.echo(f"eval failed: {exc}", err=True)
         raise typer.Exit(1) from exc

@@ -30,7 +30,7 @@ def load_model(settings: Settings) -> EmotionModel:
     providers = [p.strip() for p in settings.providers.split(",") if p.strip()]
     return EmotionModel.load(settings.model, threads=settings.inference_threads, providers=providers,
                              spinning=settings.inference_spinning, streams=settings.inference_streams,
-                             cache_dir=settings.model_cache_dir)
+                             cache_dir=settings.cache_dir)
 
 
 def wait_for_broker(settings: Settings) -> bool:

