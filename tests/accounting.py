@@ -98,3 +98,11 @@ def records(n: int, prefix: str = "r", text=None) -> tuple[list[bytes], list[byt
     values = [orjson.dumps({"id": f"{prefix}{i}", "text": text or f"post {i}: what a day, honestly"})
               for i in range(n)]
     return keys, values
+
+
+def produce_records(t: Topics, n: int, prefix: str = "r", text=None) -> list[bytes]:
+    """Send ``n`` keyed records (:func:`records`) to the input topic; returns their keys."""
+    keys, values = records(n, prefix, text)
+    t.produce(values, keys)
+    return keys
+

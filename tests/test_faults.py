@@ -23,8 +23,8 @@ from emostream.worker.broker import free_port
 from emostream.worker.kafka_io import ensure_topics
 from emostream.worker.settings import Settings
 
-from accounting import (committed_offsets, end_offsets_total, read_all, records, wait_all_accounted,
-                        wait_for_outputs)
+from accounting import (committed_offsets, end_offsets_total, produce_records, read_all, records,
+                        wait_all_accounted, wait_for_outputs)
 from conftest import Topics, WorkerProcess
 from strategies import POISON
 
@@ -39,8 +39,7 @@ def test_kill9_three_times_loses_nothing(broker, start_worker):
     rng = random.Random(seed)
     t = Topics(broker, partitions=4)
     n = 20_000
-    keys, values = records(n)
-    t.produce(values, keys)
+    keys = produce_records(t, n)
     w = start_worker(t)
     in_flight = []
     for k in range(3):
@@ -119,8 +118,7 @@ def test_broker_unavailable_at_start_then_up(new_broker, tmp_path):
         assert w.proc.poll() is None
         b.start()
         assert w.wait_for_log("Worker ready", 90), w.output()[-3000:]
-        keys, values = records(50)
-        t.produce(values, keys)
+        produce_records(t, 50)
         assert len(t.outputs(50)) == 50
     finally:
         w.stop()
@@ -133,8 +131,7 @@ def test_broker_killed_mid_run_exit_policy(new_broker, tmp_path):
     w = WorkerProcess(env, tmp_path / "w.log")
     try:
         assert w.wait_for_log("Worker ready", 90), w.output()[-3000:]
-        keys, values = records(30)
-        t.produce(values, keys)
+        produce_records(t, 30)
         assert len(t.outputs(30)) == 30
         b.stop(kill=True)
         code = w.proc.wait(60)
@@ -237,8 +234,7 @@ def test_slow_publishing_pauses_consumption_and_memory_stays_bounded(broker, sta
     t.outputs(1)
     base = proc.memory_info().rss
     n, text = 12_000, "x" * 8_000  # ~100 MB of input waiting in the topic
-    keys, values = records(n, text=text)
-    t.produce(values, keys)
+    produce_records(t, n, text=text)
     peak = base
     for _ in range(40):
         time.sleep(0.5)

@@ -22,7 +22,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from emostream.worker.broker import free_port, make_broker
 from emostream.worker.kafka_io import client_kwargs
 
-from accounting import end_offsets_total, records, wait_all_accounted, wait_for_outputs
+from accounting import end_offsets_total, produce_records, wait_all_accounted, wait_for_outputs
 from conftest import Topics
 from group import assigned_by_process, wait_for_group
 
@@ -56,8 +56,7 @@ def test_exactly_once_survives_three_kill9_without_duplicates(kafka, start_worke
     rng = random.Random(seed)
     t = Topics(kafka, partitions=4, delivery="exactly_once")
     n = 20_000
-    keys, values = records(n)
-    t.produce(values, keys)
+    keys = produce_records(t, n)
     w = start_worker(t)
     for _ in range(3):
         assert w.wait_for_log("Worker ready", 120), w.output()[-3000:]
@@ -82,8 +81,7 @@ def test_exactly_once_fences_a_zombie(kafka, start_worker):
     zombie, survivor = start_worker(t), start_worker(t)
     wait_for_group([zombie, survivor], members=2, partitions=4, timeout=120)
     n = 12_000
-    keys, values = records(n)
-    t.produce(values, keys)
+    keys = produce_records(t, n)
     wait_for_outputs(t, 1000, timeout=180)
     os.kill(zombie.proc.pid, signal.SIGSTOP)
     try:
@@ -109,8 +107,7 @@ def test_broker_crash_and_restart_on_its_data_loses_nothing(tmp_path, start_work
     try:
         t = Topics(b, partitions=4)
         n = 12_000
-        keys, values = records(n)
-        t.produce(values, keys)
+        keys = produce_records(t, n)
         w = start_worker(t)
         wait_for_outputs(t, 1500, timeout=180)
         b.stop(kill=True)
@@ -192,8 +189,7 @@ def test_three_nodes_leader_killed_mid_stream_loses_nothing(tmp_path, start_work
         t = Topics(cluster, partitions=2, replication_factor=3, create=False)
         create_led_by(t, leader)
         n = 12_000
-        keys, values = records(n)
-        t.produce(values, keys)
+        keys = produce_records(t, n)
         clock = ArrivalClock(t)
         clock.start()
         w = start_worker(t)
@@ -217,8 +213,7 @@ def test_three_nodes_leader_killed_mid_stream_loses_nothing(tmp_path, start_work
 def test_scale_out_and_in_mid_stream_loses_nothing(kafka, start_worker):
     t = Topics(kafka, partitions=4)
     n = 20_000
-    keys, values = records(n)
-    t.produce(values, keys)
+    keys = produce_records(t, n)
     first = start_worker(t)
     wait_for_outputs(t, 1000, timeout=180)
     second = start_worker(t)
