@@ -209,18 +209,24 @@ def model(tmp_path_factory):
     return EmotionModel.load("multilingual-emotions", threads=1, cache_dir=str(tmp_path_factory.mktemp("cache")))
 
 
-@pytest.mark.parametrize("text, ekman", [
-    ("Estoy furiosa con este servicio", "anger"),
-    ("Tengo mucho miedo de perder mi casa", "fear"),
-    ("Ich bin so glücklich, wir haben gewonnen!", "joy"),
-    ("Mein Hund ist gestorben, ich bin so traurig.", "sadness"),
-    ("C'est dégoûtant, il y a des cafards dans la cuisine.", "disgust"),
-    ("Je suis tellement en colère contre eux !", "anger"),
-])
-def test_classifies_clear_sentences_in_other_languages(model, text, ekman):
+def test_readme_example(model):
+    """The README's example: Spanish anger."""
     ek = next(h for h in model.heads if h.name == "ekman")
-    out = model.predict([text]).heads["ekman"]
-    assert ek.labels[out.top[0]] == ekman
+    assert ek.labels[model.predict(["Estoy furiosa con este servicio"]).heads["ekman"].top[0]] == "anger"
+
+
+def test_check_set_accuracy_as_the_model_card_says(tmp_path):
+    """The shipped model's per-language figures on the check set (model card: English 0.929, the
+    other five languages together 0.724): a floor a few sentences under them, so a re-export that
+    loses the other languages fails here."""
+    from emostream.models.evaluate import evaluate_check
+
+    rep = evaluate_check(Path(__file__).parents[1] / "models/eval/multilingual_check.tsv", "multilingual-emotions",
+                         threads=1, cache_dir=str(tmp_path))
+    by = rep["by_language"]
+    assert by["en"]["ekman"] >= 0.85
+    assert by["all but en"]["n"] == 210 and by["all but en"]["ekman"] >= 0.70
+    assert by["all but en"]["sentiment"] >= 0.75
 
 
 def test_batch_invariant(model):
