@@ -245,6 +245,17 @@ def export_heads(model, labels: Sequence[str], heads_dir: Path, version: str, pr
     return specs
 
 
+def dev_gold(data_dir: Path, limit: int | None = None):
+    """GoEmotions labels, dev texts (the first ``limit``) and their gold targets for each head."""
+    labels, ek_M, se_M = load_label_sets(data_dir)
+    texts, y = read_goemotions(data_dir / "dev.tsv", len(labels))
+    if limit:
+        texts, y = texts[:limit], y[:limit]
+    gold = {"go_emotions": y, "ekman": ekman_targets(y, ek_M),
+            "sentiment": np.eye(len(SENTIMENT_LABELS), dtype=np.uint8)[sentiment_targets(y, se_M)]}
+    return labels, texts, gold
+
+
 def score(probs: dict, gold: dict, labels: Sequence[str], thresholds: dict | None = None) -> dict:
     """Dev metrics per head; multi-label heads with thresholds from ``probs`` unless given: the
     transferable ones (bagged, rare labels shrunk towards a shared threshold), which are also
@@ -303,7 +314,7 @@ def export(checkpoint: Path | None, backbone_out: Path, heads_dir: Path, work: P
         raise ValueError("give exactly one of a checkpoint and an fp32 ONNX backbone")
     if fused and checkpoint is None:
         raise ValueError("the fused classifier is exported from a checkpoint")
-    labels, ek_M, se_M = load_label_sets(data_dir)
+    labels, _, _ = load_label_sets(data_dir)
     calibration = calibration_texts(data_dir / "dev.tsv")
     work.mkdir(parents=True, exist_ok=True)
     if checkpoint is not None:
@@ -329,11 +340,7 @@ def export(checkpoint: Path | None, backbone_out: Path, heads_dir: Path, work: P
         specs = read_heads(heads_dir, version)
     timing["heads_s"] = round(time.perf_counter() - t0, 2)
 
-    texts, y = read_goemotions(data_dir / "dev.tsv", len(labels))
-    if limit_dev:
-        texts, y = texts[:limit_dev], y[:limit_dev]
-    gold = {"go_emotions": y, "ekman": ekman_targets(y, ek_M),
-            "sentiment": np.eye(len(SENTIMENT_LABELS), dtype=np.uint8)[sentiment_targets(y, se_M)]}
+    _, texts, gold = dev_gold(data_dir, limit_dev)
     results, separate = {}, {}
     for tag, path in (("fp32", fp32), ("int8", backbone_out)):
         probs, dt = dev_probs(path, specs, texts, max_length, threads)

