@@ -28,11 +28,10 @@ from typing import Sequence
 
 import numpy as np
 
-from ..linear_head import read_goemotions
 from ..manifest import find_manifest
 from ..model import EmotionModel
-from .data import DATA_DIR, SENTIMENT_LABELS, ekman_targets, load_label_sets, sentiment_targets
-from .export import score
+from .data import DATA_DIR
+from .export import dev_gold, score
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +96,7 @@ def compare(manifest: str, backbones: dict[str, Path], data_dir: Path = DATA_DIR
     from emostream.worker.pipeline import Enricher
     from emostream.worker.settings import Settings
 
-    labels, ek_M, se_M = load_label_sets(data_dir)
-    texts, y = read_goemotions(data_dir / "dev.tsv", len(labels))
-    gold = {"go_emotions": y, "ekman": ekman_targets(y, ek_M),
-            "sentiment": np.eye(len(SENTIMENT_LABELS), dtype=np.uint8)[sentiment_targets(y, se_M)]}
+    labels, texts, gold = dev_gold(data_dir)
     settings = Settings.from_env(environ={})
     out: dict = {"manifest": manifest, "n_dev": len(texts), "backbones": {}}
     first = None
