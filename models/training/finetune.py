@@ -88,6 +88,32 @@ class Split:
                      "sentiment": (1 - weight) * onehot + weight * teacher["sentiment"]}
         self.soft = {k: v.astype(np.float32) for k, v in self.soft.items()}
 
+    def add_translations(self, paths: Sequence[Path], share: float, tok, prefix: str, seed: int) -> int:
+        """Append, for a ``share`` of the rows (seeded), the same row from one of ``paths`` (TSVs aligned
+        row by row with this split: ``translate_train``). The copy keeps the English row's targets,
+        teacher probabilities included: call after :meth:`distill`. Returns the rows added."""
+        n = len(self)
+        sources = []
+        for p in paths:
+            texts, y = read_goemotions(p, self.go.shape[1])
+            if len(texts) < n or not np.array_equal(y[:n], self.go.astype(y.dtype)):
+                raise ValueError(f"{p}: not aligned row by row with the training split")
+            sources.append(texts[:n])
+        rng = np.random.default_rng(seed)
+        rows = np.flatnonzero(rng.random(n) < share)
+        pick = rng.integers(len(sources), size=len(rows))
+        new = [sources[k][i] for i, k in zip(rows, pick)]
+        ids = [e.ids for e in tok.encode_batch([prefix + t for t in new])]
+        self.ids += ids
+        self.lengths += [len(x) for x in ids]
+        self.texts += new
+        self.go = np.concatenate([self.go, self.go[rows]])
+        self.ekman = np.concatenate([self.ekman, self.ekman[rows]])
+        self.sentiment = np.concatenate([self.sentiment, self.sentiment[rows]])
+        if self.soft is not None:
+            self.soft = {k: np.concatenate([v, v[rows]]) for k, v in self.soft.items()}
+        return len(rows)
+
     def batch(self, idx: Sequence[int], device):
         ids, mask = pad_batch([self.ids[i] for i in idx])
         t = lambda a: torch.as_tensor(a).to(device)  # noqa: E731
@@ -215,7 +241,8 @@ def train(out_dir: Path, data_dir: Path = DATA_DIR, epochs: int = 3, batch_size:
           max_steps: int | None = None, progress: bool = True, pos_weight_power: float = 0.5,
           pos_weight_max: float = 10.0, backbone: Path | None = None, prefix: str = "",
           teacher: Path | None = None, distill_weight: float = 0.5, bf16: bool = False,
-          freeze_word_embeddings: bool = True, freeze_layers: int = 0) -> dict:
+          freeze_word_embeddings: bool = True, freeze_layers: int = 0,
+          translations: Sequence[Path] = (), translation_share: float = 0.5) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -231,10 +258,14 @@ def train(out_dir: Path, data_dir: Path = DATA_DIR, epochs: int = 3, batch_size:
     if teacher is not None:
         # rows in file order: --limit-train keeps the first ones, so the teacher's first ones match
         tr.distill({k: v[:len(tr)] for k, v in load_teacher(teacher, data_dir / "train.tsv").items()}, distill_weight)
+    n_english = len(tr)
+    if translations:
+        added = tr.add_translations(translations, translation_share, tok, prefix, seed)
+        log.info("added %d translated copies from %d files", added, len(translations))
     model = build(device, backbone=backbone)
     pos_weight = {}
     for name, y in (("go_emotions", tr.go), ("ekman", tr.ekman)):
-        w = pos_weights(np.asarray(y), pos_weight_power, pos_weight_max)
+        w = pos_weights(np.asarray(y[:n_english]), pos_weight_power, pos_weight_max)
         if w is not None:
             pos_weight[name] = torch.as_tensor(w).to(device)
     steps_per_epoch = math.ceil(len(tr) / batch_size)
@@ -248,7 +279,8 @@ def train(out_dir: Path, data_dir: Path = DATA_DIR, epochs: int = 3, batch_size:
                    backbone=str(backbone or default_model_dir()),
                    backbone_config=dataclasses.asdict(model.backbone.config), prefix=prefix,
                    teacher=str(teacher) if teacher else None, distill_weight=distill_weight if teacher else 0.0,
-                   bf16=bf16, freeze_word_embeddings=freeze_word_embeddings, freeze_layers=freeze_layers)
+                   bf16=bf16, freeze_word_embeddings=freeze_word_embeddings, freeze_layers=freeze_layers,
+                   translations=[str(p) for p in translations], translation_share=translation_share if translations else 0.0)
     history: list[dict] = []
     start_epoch, start_batch = 0, 0
     last = out_dir / "last.pt"
@@ -395,13 +427,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--freeze-layers", type=int, default=0,
                     help="also keep all embeddings and the lowest N layers as pre-trained (multilingual backbones: "
                          "English data then cannot move what the other languages share there)")
+    ap.add_argument("--translations", type=Path, nargs="+", default=(),
+                    help="TSVs aligned row by row with train.tsv in other languages (translate_train): cross-lingual "
+                         "copies with the English row's targets")
+    ap.add_argument("--translation-share", type=float, default=0.5,
+                    help="rows that also get a copy from one of --translations (picked at random, seeded)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     res = train(args.out, args.data_dir, args.epochs, args.batch_size, args.lr_backbone, args.lr_heads, args.warmup,
                 args.max_length, args.seed, args.device, args.threads, args.resume, args.limit_train, args.limit_dev,
                 args.save_every, args.max_steps, not args.no_progress, args.pos_weight_power, args.pos_weight_max,
                 args.backbone, args.prefix, args.teacher, args.distill_weight, args.bf16,
-                not args.train_word_embeddings, args.freeze_layers)
+                not args.train_word_embeddings, args.freeze_layers, args.translations, args.translation_share)
     print(json.dumps(res, indent=1), file=sys.stderr)
     return 0
 
