@@ -216,17 +216,17 @@ def test_readme_example(model):
 
 
 def test_check_set_accuracy_as_the_model_card_says(tmp_path):
-    """The shipped model's per-language figures on the check set (model card: English 0.929, the
-    other five languages together 0.733): a floor a few sentences under them, so a re-export that
-    loses the other languages fails here."""
+    """The shipped model's per-language figures on the check set (model card: English 0.952, the
+    other five languages together 0.762, sentiment 0.881): the issue's target for the other
+    languages (top Ekman label right for 75%) is the floor, so a re-export that loses them fails here."""
     from emostream.models.evaluate import evaluate_check
 
     rep = evaluate_check(Path(__file__).parents[1] / "models/eval/multilingual_check.tsv", "multilingual-emotions",
                          threads=1, cache_dir=str(tmp_path))
     by = rep["by_language"]
-    assert by["en"]["ekman"] >= 0.85
-    assert by["all but en"]["n"] == 210 and by["all but en"]["ekman"] >= 0.70
-    assert by["all but en"]["sentiment"] >= 0.75
+    assert by["en"]["ekman"] >= 0.90
+    assert by["all but en"]["n"] == 210 and by["all but en"]["ekman"] >= 0.75
+    assert by["all but en"]["sentiment"] >= 0.80
 
 
 def test_batch_invariant(model):
