@@ -58,6 +58,12 @@ def tokenizer(max_length: int, model_dir: Path | None = None):
     return tok
 
 
+def encode(tok, texts: Sequence[str], prefix: str = "") -> list[list[int]]:
+    """Token ids of each text with ``prefix`` in front (E5's ``"query: "``): one place, so the
+    English rows and their translated copies are tokenized alike."""
+    return [e.ids for e in tok.encode_batch([prefix + t for t in texts])]
+
+
 class Split:
     """Token ids and the three target sets of one TSV (``prefix`` goes before every text, e.g.
     E5's ``"query: "``)."""
@@ -67,7 +73,7 @@ class Split:
         if limit:
             texts, y = texts[:limit], y[:limit]
         self.texts = texts
-        self.ids = [e.ids for e in tok.encode_batch([prefix + t for t in texts])]
+        self.ids = encode(tok, texts, prefix)
         self.lengths = [len(x) for x in self.ids]
         self.go = y.astype(np.float32)
         self.ekman = ekman_targets(y, ek_M).astype(np.float32)
@@ -103,7 +109,7 @@ class Split:
         rows = np.flatnonzero(rng.random(n) < share)
         pick = rng.integers(len(sources), size=len(rows))
         new = [sources[k][i] for i, k in zip(rows, pick)]
-        ids = [e.ids for e in tok.encode_batch([prefix + t for t in new])]
+        ids = encode(tok, new, prefix)
         self.ids += ids
         self.lengths += [len(x) for x in ids]
         self.texts += new
