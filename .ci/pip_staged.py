@@ -7,63 +7,45 @@ whole set once (`--dry-run --report`, metadata only), then each missing distribu
 by itself with `--no-deps --no-cache-dir`, so at most one wheel sits on disk beside what is
 already installed. A last plain `pip install` of the same requirement checks the result.
 
-Usage: python .ci/pip_staged.py PIP REQUIREMENT...
+Usage: VENV/bin/python .ci/pip_staged.py REQUIREMENT...   (installs into that environment)
 """
 
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import tempfile
+from importlib.metadata import distributions
 from pathlib import Path
 
-LIST_INSTALLED = (
-    "import json, importlib.metadata as m\n"
-    "print(json.dumps({d.metadata['Name']: d.version for d in m.distributions()}))\n"
-)
+from packaging.utils import canonicalize_name
+
+PIP = [sys.executable, "-m", "pip", "install", "-q"]
 
 
-def canonical(name: str) -> str:
-    """PEP 503 name: case and runs of -_. do not matter."""
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def installed(python: str) -> dict[str, str]:
-    """Versions installed in `python`'s environment, by canonical name."""
-    out = subprocess.run([python, "-c", LIST_INSTALLED], capture_output=True, text=True, check=True)
-    return {canonical(name): version for name, version in json.loads(out.stdout).items()}
-
-
-def main(pip: str, requirements: list[str]) -> None:
-    python = str(Path(pip).with_name("python"))
+def main(requirements: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
-        subprocess.run(
-            [pip, "install", "-q", "--dry-run", "--ignore-installed", "--report", str(report),
-             *requirements],
-            check=True,
-        )
+        subprocess.run([*PIP, "--dry-run", "--ignore-installed", "--report", str(report), *requirements],
+                       check=True)
         plan = json.loads(report.read_text())["install"]
-    have = installed(python)
+    have = {canonicalize_name(d.metadata["Name"]): d.version for d in distributions()}
     for item in plan:
-        if item["download_info"]["url"].startswith("file:"):  # the project: the last step takes it
+        if item.get("is_direct"):  # named by path or URL (the project itself): the last step takes it
             continue
         name, version = item["metadata"]["name"], item["metadata"]["version"]
-        if have.get(canonical(name)) == version:
+        if have.get(canonicalize_name(name)) == version:
             continue
         print(f"pip_staged: {name}=={version}", flush=True)
-        subprocess.run(
-            [pip, "install", "-q", "--no-deps", "--no-cache-dir", f"{name}=={version}"], check=True
-        )
-    subprocess.run([pip, "install", "-q", "--no-cache-dir", *requirements], check=True)
+        subprocess.run([*PIP, "--no-deps", "--no-cache-dir", f"{name}=={version}"], check=True)
+    subprocess.run([*PIP, "--no-cache-dir", *requirements], check=True)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 3:
+    if len(sys.argv) < 2:
         sys.exit(__doc__.strip().splitlines()[-1])
     try:
-        main(sys.argv[1], sys.argv[2:])
+        main(sys.argv[1:])
     except subprocess.CalledProcessError as err:
         sys.exit(f"pip_staged: {' '.join(err.cmd)} failed with exit code {err.returncode}")
